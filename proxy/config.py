@@ -1,0 +1,239 @@
+"""The validated configuration: the only module that sees YAML and the environment.
+
+``load_config`` reads ``handrail.yaml``, expands ``${VAR}`` (and ``${VAR:-default}``) from
+the environment, and validates it; any problem is a ``ConfigError`` whose message names
+the offending key path or file, which the CLI turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+DEFAULT_REDACT = ("authorization", "password", "token", "secret", "api_key")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+
+
+class AdminConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8788, ge=0, le=65535)
+    token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _empty_token_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class IdempotencyConfig(_Model):
+    mode: Literal["attach", "enforce", "off"] = "attach"
+    ttl_s: float = Field(86400, gt=0)
+    max_stored_bytes: int = Field(1_048_576, ge=0)
+    """Responses up to this size are kept for replay; larger ones keep only their record."""
+    exempt_read_only: bool = False
+    """MCP: skip keys for tools whose annotations say ``readOnlyHint``."""
+
+
+class ToolConfig(_Model):
+    upstream: str
+    kind: Literal["http", "mcp"] = "http"
+    timeout_s: float = Field(30, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    max_body_bytes: int = Field(1_048_576, gt=0)
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, fragment or credentials (use headers)")
+        return value.rstrip("/")
+
+
+class OpaConfig(_Model):
+    url: str = "http://127.0.0.1:8181"
+    timeout_ms: int = Field(250, gt=0)
+
+
+class PolicyConfig(_Model):
+    engine: Literal["embedded", "opa"] = "embedded"
+    path: Path = Path("policies")
+    entrypoint: str = "handrail/decision"
+    opa: OpaConfig = OpaConfig()
+    watch: bool = True
+    """embedded: re-compile when a file under ``path`` changes."""
+    workers: int = Field(2, ge=1, le=64)
+    """embedded: evaluation threads (regopy releases the GIL)."""
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in value.split("/")):
+            raise ValueError(f"must be a slash-separated data path like handrail/decision, got {value!r}")
+        return value
+
+    @property
+    def package(self) -> str:
+        """The Rego package path holding the decision (``handrail`` for ``handrail/decision``)."""
+        return self.entrypoint.rsplit("/", 1)[0] if "/" in self.entrypoint else ""
+
+
+class ApprovalsConfig(_Model):
+    wait_s: float = Field(30, ge=0)
+
+
+class StoreConfig(_Model):
+    url: str = "sqlite:///.handrail/handrail.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(f"must start with sqlite:/// or postgresql://, got {value!r}")
+        return value
+
+
+class CaptureConfig(_Model):
+    arguments: bool = True
+    results: bool = True
+    max_bytes: int = Field(16384, ge=0)
+    redact: tuple[str, ...] = DEFAULT_REDACT
+
+
+class JournalConfig(_Model):
+    retention_days: float = Field(7, gt=0)
+    max_rows: int = Field(1_000_000, gt=0)
+
+
+class TracingConfig(_Model):
+    exporter: Literal["otlp", "none"] = "none"
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: str = "handrail"
+    project_name: str | None = None
+    """Sets ``openinference.project.name`` (Phoenix's project); defaults to service_name."""
+    capture: CaptureConfig = CaptureConfig()
+    journal: JournalConfig = JournalConfig()
+    phoenix_url: str | None = None
+    """Where ``handrail traces`` reads spans (Phoenix REST); defaults to the endpoint's host."""
+
+
+class Config(_Model):
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig = AdminConfig()
+    tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
+    store: StoreConfig = StoreConfig()
+    tracing: TracingConfig = TracingConfig()
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, value: dict[str, ToolConfig]) -> dict[str, ToolConfig]:
+        for name in value:
+            if not _TOOL_NAME.match(name):
+                raise ValueError(f"tool name {name!r} must be letters, digits, '_', '.' or '-'")
+        return value
+
+
+def expand_env(value: Any, path: str = "", environ: dict[str, str] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; a missing VAR is an error."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(substitute, value)
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document; relative paths resolve against base_dir."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        config = Config.model_validate(expand_env(raw))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    if base_dir is not None and not config.policy.path.is_absolute():
+        policy = config.policy.model_copy(update={"path": base_dir / config.policy.path})
+        config = config.model_copy(update={"policy": policy})
+    return config
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load ``handrail.yaml``; ``None`` gives the embedded default."""
+    if path is None:
+        return default_config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+    return parse_config(raw, str(file), file.resolve().parent)
+
+
+def shipped_policies() -> Path:
+    """The starter policies: ``proxy/_policies`` in a wheel, ``policies/`` in a checkout."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "_policies", package_dir.parent / "policies"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("the shipped policies/ directory is missing from this installation")
+
+
+def default_config() -> Config:
+    """The embedded default: shipped policies (or ./policies), SQLite under .handrail/."""
+    local = Path("policies")
+    path = local.resolve() if local.is_dir() else shipped_policies()
+    return Config(policy=PolicyConfig(path=path))

@@ -1,0 +1,27 @@
+"""What the pipeline needs from the running app, built once and closed once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+from opentelemetry.trace import Tracer
+
+from proxy.config import Config
+from proxy.metrics import Metrics
+from proxy.policy.base import PolicyEngine
+from proxy.store.base import Store
+from proxy.tracing.base import Journal
+
+
+@dataclass
+class Deps:
+    config: Config
+    store: Store
+    engine: PolicyEngine
+    journal: Journal
+    tracer: Tracer
+    session: aiohttp.ClientSession
+    metrics: Metrics
+    executor: ThreadPoolExecutor | None = None

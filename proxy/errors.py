@@ -1,0 +1,122 @@
+"""Every exception Handrail raises, each naming its contract status and code.
+
+    HandrailError                      (500 internal_error)
+    ├── ConfigError                    bad handrail.yaml or environment (CLI exit 2)
+    ├── BadRequest                     400 bad_request
+    ├── IdempotencyKeyMissing          400 idempotency_key_missing
+    ├── PolicyDenied                   403 policy_denied
+    ├── ApprovalPending                403 approval_pending
+    ├── UnknownTool                    404 unknown_tool
+    ├── IdempotencyKeyInUse            409 idempotency_key_in_use
+    ├── PayloadTooLarge                413 payload_too_large
+    ├── IdempotencyKeyReused           422 idempotency_key_reused
+    ├── ResponseNotReplayable          409 response_not_replayable
+    ├── UpstreamUnavailable            502 upstream_unavailable
+    ├── ResultBlocked                  502 result_blocked
+    ├── PolicyUnavailable              503 policy_unavailable
+    ├── StoreUnavailable               503 store_unavailable
+    └── UpstreamTimeout                504 upstream_timeout
+
+Foreign errors are translated where they arise (``map_exceptions``-style), so the HTTP
+middleware and the MCP renderer only ever see these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+
+class HandrailError(Exception):
+    """Base class; ``status`` and ``code`` are the contract's error status and code."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+    def body(self, trace_id: str | None) -> dict[str, Any]:
+        """The SPEC's error body: ``{"error": {"code", "message", "trace_id", ...}}``."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message, "trace_id": trace_id}
+        error.update(self.details)
+        return {"error": error}
+
+
+class ConfigError(HandrailError):
+    code = "config_error"
+
+
+class BadRequest(HandrailError):
+    status, code = 400, "bad_request"
+
+
+class IdempotencyKeyMissing(HandrailError):
+    status, code = 400, "idempotency_key_missing"
+
+
+class PolicyDenied(HandrailError):
+    status, code = 403, "policy_denied"
+
+
+class ApprovalPending(HandrailError):
+    status, code = 403, "approval_pending"
+
+
+class UnknownTool(HandrailError):
+    status, code = 404, "unknown_tool"
+
+
+class IdempotencyKeyInUse(HandrailError):
+    status, code = 409, "idempotency_key_in_use"
+
+
+class ResponseNotReplayable(HandrailError):
+    """The original call ran, but its response was too large to keep for replay."""
+
+    status, code = 409, "response_not_replayable"
+
+
+class PayloadTooLarge(HandrailError):
+    status, code = 413, "payload_too_large"
+
+
+class IdempotencyKeyReused(HandrailError):
+    status, code = 422, "idempotency_key_reused"
+
+
+class UpstreamUnavailable(HandrailError):
+    status, code = 502, "upstream_unavailable"
+
+
+class ResultBlocked(HandrailError):
+    status, code = 502, "result_blocked"
+
+
+class PolicyUnavailable(HandrailError):
+    status, code = 503, "policy_unavailable"
+
+
+class StoreUnavailable(HandrailError):
+    status, code = 503, "store_unavailable"
+
+
+class UpstreamTimeout(HandrailError):
+    status, code = 504, "upstream_timeout"
+
+
+@contextmanager
+def map_exceptions(mapping: dict[type[BaseException], type[HandrailError]]) -> Iterator[None]:
+    """Re-raise foreign exceptions as Handrail's own, keeping the cause."""
+    try:
+        yield
+    except HandrailError:
+        raise
+    except Exception as exc:
+        for source, target in mapping.items():
+            if isinstance(exc, source):
+                raise target(f"{target.__name__}: {exc!s}" if str(exc) else target.__name__) from exc
+        raise

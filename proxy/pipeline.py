@@ -1,0 +1,257 @@
+"""The steps of one tool call, in order; nothing else.
+
+    prepare_key -> decide -> claim_key -> forward -> check_result -> deliver
+    finally: settle_key, record
+
+A step ends the call by raising a ``HandrailError`` or by setting ``call.response``
+(a replay); later steps look at ``call.response`` first. ``settle_key`` and ``record``
+always run, so a deny is counted, journaled and traced like any other call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from proxy.call import Call, ClaimState, DecisionKind, StoredResponse
+from proxy.deps import Deps
+from proxy.errors import (
+    HandrailError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    PolicyDenied,
+    ResponseNotReplayable,
+)
+from proxy.http.forward import send_upstream
+from proxy.policy.input import policy_input
+from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
+from proxy.tracing.attributes import record_span
+
+logger = logging.getLogger(__name__)
+
+LEASE_MARGIN_S = 5.0
+"""A claimed key outlives the tool's timeout by this much before another proxy may take it."""
+
+REPLAYED_HEADERS_DROP = frozenset({"date", "server", "content-length", "transfer-encoding"})
+
+
+async def run(call: Call, deps: Deps) -> None:
+    try:
+        prepare_key(call)
+        await decide(call, deps)
+        await claim_key(call, deps)
+        await forward(call, deps)
+        await check_result(call, deps)
+        await deliver(call, deps)
+    except HandrailError as exc:
+        call.error = exc
+        raise
+    finally:
+        if call.upstream is not None:
+            call.upstream.release()
+        await asyncio.shield(settle_key(call, deps))
+        record(call, deps)
+
+
+def prepare_key(call: Call) -> None:
+    """Fingerprint the payload; take, derive or demand the idempotency key."""
+    if call.mcp is not None:
+        payload = canonical_json({"name": call.mcp.name, "arguments": call.mcp.arguments})
+    else:
+        payload = canonical_payload(call.json_body, call.body)
+    call.fingerprint = fingerprint_payload(
+        call.tool_name, call.method, call.path, call.query_string, payload
+    )
+    mode = call.tool.idempotency.mode
+    if mode == "off" or not call.unsafe or _exempt_read_only(call):
+        call.idempotency_key = None
+        return
+    if call.idempotency_key is None:
+        if mode == "enforce":
+            raise IdempotencyKeyMissing(
+                f"tool {call.tool_name!r} requires an Idempotency-Key header on {call.method}"
+            )
+        call.idempotency_key = derive_key(call.agent_id, call.run_id, call.fingerprint)
+        call.key_derived = True
+
+
+def _exempt_read_only(call: Call) -> bool:
+    if call.mcp is None or not call.tool.idempotency.exempt_read_only:
+        return False
+    return bool((call.mcp.annotations or {}).get("readOnlyHint"))
+
+
+async def decide(call: Call, deps: Deps) -> None:
+    """Ask the policy; count the call against its run; a deny or a hold ends the call."""
+    assert call.fingerprint is not None
+    with deps.tracer.start_as_current_span("handrail.policy") as span:
+        started = time.perf_counter()
+        call.counters = await deps.store.run_counters(call.run_id, call.fingerprint)
+        document = policy_input(call, call.counters, deps.config.tracing.capture.redact)
+        try:
+            decision = await deps.engine.decide(document)
+        finally:
+            call.timings.policy_s = time.perf_counter() - started
+            deps.metrics.policy_latency.observe(call.timings.policy_s)
+        call.decision = decision
+        span.set_attribute("handrail.decision", decision.kind.value)
+        span.set_attribute("handrail.policy.engine", deps.engine.name)
+        if decision.decision_id:
+            span.set_attribute("handrail.decision.id", decision.decision_id)
+        await deps.store.count_call(
+            call.run_id,
+            call.fingerprint,
+            write=call.unsafe and decision.kind is DecisionKind.ALLOW,
+            denied=decision.kind is not DecisionKind.ALLOW,
+        )
+    if decision.kind is DecisionKind.ALLOW:
+        return
+    reasons = list(decision.reasons)
+    if decision.kind is DecisionKind.APPROVAL:
+        # Human approval lands in a later release: until then a hold is refused (fail closed).
+        reasons = reasons or ["the policy requires human approval"]
+        raise PolicyDenied(
+            "held for human approval, which this proxy does not offer yet: " + "; ".join(reasons),
+            reasons=reasons,
+            decision_id=decision.decision_id,
+            require_approval=True,
+        )
+    raise PolicyDenied(
+        "denied by policy: " + ("; ".join(reasons) if reasons else "no reason given"),
+        reasons=reasons,
+        decision_id=decision.decision_id,
+    )
+
+
+async def claim_key(call: Call, deps: Deps) -> None:
+    """Claim the key, or answer from its record: replay, 409 in flight, 422 reused."""
+    key = call.idempotency_key
+    if key is None:
+        return
+    assert call.fingerprint is not None
+    idem = call.tool.idempotency
+    with deps.tracer.start_as_current_span("handrail.idempotency") as span:
+        started = time.perf_counter()
+        claim = await deps.store.claim(
+            call.tool_name,
+            key,
+            call.fingerprint,
+            lease_s=call.tool.timeout_s + LEASE_MARGIN_S,
+            ttl_s=idem.ttl_s,
+        )
+        call.timings.store_s += time.perf_counter() - started
+        call.claim = claim
+        span.set_attribute("handrail.idempotency.key", key)
+        span.set_attribute("handrail.idempotency.state", claim.state.value)
+    if claim.state is ClaimState.OWNED:
+        return
+    if claim.state is ClaimState.IN_FLIGHT:
+        raise IdempotencyKeyInUse(f"a call with Idempotency-Key {key!r} is still in flight")
+    if claim.state is ClaimState.MISMATCH:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was already used with a different payload"
+        )
+    stored = claim.response
+    if stored is None or not stored.complete:
+        raise ResponseNotReplayable(
+            f"the call with Idempotency-Key {key!r} already ran, but its response was too "
+            "large to keep for replay; it will not run again",
+            original_status=stored.status if stored else None,
+        )
+    call.response = stored
+    call.replayed = True
+    deps.metrics.replays.labels(call.tool_name).inc()
+
+
+async def forward(call: Call, deps: Deps) -> None:
+    """Send the call to the tool; the answer's body stays a stream."""
+    if call.response is not None:
+        return
+    span = deps.tracer.start_span(call.method, kind=SpanKind.CLIENT)
+    call.extra["upstream_span"] = span
+    started = time.perf_counter()
+    try:
+        call.upstream = await send_upstream(deps.session, call, span)
+    except HandrailError as exc:
+        span.set_status(Status(StatusCode.ERROR, exc.message))
+        span.set_attribute("error.type", exc.code)
+        span.end()
+        call.extra.pop("upstream_span", None)
+        raise
+    finally:
+        call.timings.upstream_s = time.perf_counter() - started
+    span.set_attribute("http.response.status_code", call.upstream.status)
+
+
+async def check_result(call: Call, deps: Deps) -> None:
+    """The place for the policy's ``result`` rule (a later release): passes everything now."""
+
+
+async def deliver(call: Call, deps: Deps) -> None:
+    if call.response is not None:
+        call.status = call.response.status
+        await call.reply.replay(call, call.response)
+        return
+    assert call.upstream is not None
+    call.status = call.upstream.status
+    try:
+        await call.reply.stream(call, call.upstream)
+    finally:
+        span = call.extra.pop("upstream_span", None)
+        if span is not None:
+            span.end()
+
+
+def _replay_headers(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in headers if k.lower() not in REPLAYED_HEADERS_DROP)
+
+
+async def settle_key(call: Call, deps: Deps) -> None:
+    """Keep 2xx/4xx answers for replay; release the key after 5xx or a transport failure."""
+    claim = call.claim
+    if claim is None or claim.state is not ClaimState.OWNED or call.idempotency_key is None:
+        return
+    key = call.idempotency_key
+    try:
+        if call.status is not None and call.status < 500:
+            # The tool answered: even if the stream then broke, it ran. Keep the record so a
+            # retry never runs it twice; a body we could not keep whole is not replayable.
+            complete = not call.body_overflow and call.delivered
+            stored = StoredResponse(
+                status=call.status,
+                headers=_replay_headers(call.response_headers),
+                body=bytes(call.captured_body) if complete else b"",
+                complete=complete,
+            )
+            await deps.store.complete(call.tool_name, key, claim.owner, stored)
+        else:
+            await deps.store.release(call.tool_name, key, claim.owner)
+    except HandrailError as exc:
+        logger.error(
+            "could not settle idempotency key: %s", exc.message,
+            extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
+        )
+
+
+def record(call: Call, deps: Deps) -> None:
+    """Metrics, the span's attributes and the journal: a deny is recorded like any call."""
+    call.timings.total_s = time.perf_counter() - call.timings.started
+    status = call.status if call.error is None else call.error.status
+    decision = call.decision.kind.value if call.decision else "none"
+    deps.metrics.calls.labels(call.tool_name, decision, str(status)).inc()
+    deps.metrics.latency.labels(call.tool_name).observe(call.timings.total_s)
+    if call.error is not None:
+        deps.metrics.errors.labels(call.error.code).inc()
+    if call.span is not None:
+        record_span(call, call.span, deps.config.tracing.capture)
+    deps.journal.append(call)
+
+
+def current_trace_ids() -> tuple[str, str]:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")

@@ -1,0 +1,79 @@
+"""The policy input document (version 1), built from a call: pure, credential-free."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy.call import Call, RunCounters
+
+INPUT_VERSION = 1
+
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
+)
+
+
+def is_credential_header(name: str, tool_headers: frozenset[str], redact: tuple[str, ...]) -> bool:
+    lowered = name.lower()
+    return (
+        lowered in CREDENTIAL_HEADERS
+        or lowered in tool_headers
+        or any(term.lower() in lowered for term in redact)
+    )
+
+
+def visible_headers(
+    headers: list[tuple[str, str]], tool_headers: frozenset[str], redact: tuple[str, ...]
+) -> dict[str, str]:
+    """Lower-cased request headers, repeated ones joined; credentials never appear."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if is_credential_header(name, tool_headers, redact):
+            continue
+        lowered = name.lower()
+        out[lowered] = f"{out[lowered]}, {value}" if lowered in out else value
+    return out
+
+
+def parsed_query(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Like opa-envoy's ``parsed_query``: every name maps to the list of its values."""
+    out: dict[str, list[str]] = {}
+    for name, value in pairs:
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def policy_input(
+    call: Call, counters: RunCounters, redact: tuple[str, ...], now: float | None = None
+) -> dict[str, Any]:
+    tool_headers = frozenset(h.lower() for h in call.tool.headers)
+    mcp = call.mcp
+    return {
+        "version": INPUT_VERSION,
+        "tool": {"name": call.tool_name, "kind": call.tool.kind},
+        "request": {
+            "method": call.method,
+            "path": call.path,
+            "query": parsed_query(call.query),
+            "headers": visible_headers(call.headers, tool_headers, redact),
+            "body": call.json_body,
+        },
+        "call": None
+        if mcp is None
+        else {"name": mcp.name, "arguments": mcp.arguments, "annotations": mcp.annotations or {}},
+        "agent": {"id": call.agent_id},
+        "run": {
+            "id": call.run_id,
+            "calls": counters.calls,
+            "writes": counters.writes,
+            "denied": counters.denied,
+            "repeats": counters.repeats,
+        },
+        "idempotency_key": call.idempotency_key,
+        "time": rfc3339(time.time() if now is None else now),
+    }
