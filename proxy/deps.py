@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
@@ -24,4 +23,3 @@ class Deps:
     tracer: Tracer
     session: aiohttp.ClientSession
     metrics: Metrics
-    executor: ThreadPoolExecutor | None = None

@@ -221,7 +221,11 @@ async def settle_key(call: Call, deps: Deps) -> None:
         if call.status is not None and call.status < 500:
             # The tool answered: even if the stream then broke, it ran. Keep the record so a
             # retry never runs it twice; a body we could not keep whole is not replayable.
-            complete = not call.body_overflow and call.delivered
+            complete = (
+                call.delivered
+                and not call.body_overflow
+                and len(call.captured_body) <= call.tool.idempotency.max_stored_bytes
+            )
             stored = StoredResponse(
                 status=call.status,
                 headers=_replay_headers(call.response_headers),

@@ -1,0 +1,170 @@
+"""The ``handrail`` command: exit 0 on success, 1 on a finding, 2 on a usage or config error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "-c", "--config", metavar="CFG", required=required,
+        help="handrail.yaml (default: the embedded default)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="handrail", description="Guardrails for AI agents' tool calls: a sidecar proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"handrail {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _config_arg(serve)
+    serve.add_argument("--host", help="data-plane host (overrides listen.host)")
+    serve.add_argument("--port", type=int, help="data-plane port (overrides listen.port)")
+
+    demo = commands.add_parser("demo", help="a sample tool, the proxy and a scripted agent")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
+
+    policy = commands.add_parser("policy", help="evaluate or test policies")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUB")
+    evaluate = policy_commands.add_parser("eval", help="print the decision for one input")
+    _config_arg(evaluate)
+    evaluate.add_argument("--input", required=True, type=Path, metavar="FILE.json")
+    test = policy_commands.add_parser("test", help="run the *_test.rego files")
+    _config_arg(test)
+
+    calls = commands.add_parser("calls", help="list recorded calls from the local journal")
+    _config_arg(calls)
+    calls.add_argument("--run", metavar="ID")
+    calls.add_argument("--tool", metavar="T")
+    calls.add_argument("--decision", choices=("allow", "deny", "approval"))
+    calls.add_argument("--since", metavar="TIME", help="ISO time or seconds ago (e.g. 300)")
+    calls.add_argument("--limit", type=int, default=50, metavar="N")
+    calls.add_argument("--json", action="store_true", dest="as_json")
+
+    traces = commands.add_parser("traces", help="query the trace backend for the proxy's spans")
+    _config_arg(traces)
+    traces.add_argument("--run", metavar="ID")
+    traces.add_argument("--trace-id", metavar="ID")
+    traces.add_argument("--tool", metavar="T")
+    traces.add_argument("--decision", choices=("allow", "deny", "approval"))
+    traces.add_argument("--limit", type=int, default=50, metavar="N")
+    traces.add_argument("--json", action="store_true", dest="as_json")
+
+    approvals = commands.add_parser("approvals", help="list and decide held calls")
+    approvals.add_argument("action", choices=("list", "approve", "reject"))
+    approvals.add_argument("id", nargs="?")
+    approvals.add_argument("--reason")
+    _config_arg(approvals)
+
+    replay = commands.add_parser("replay", help="re-decide or re-issue a recorded run")
+    replay.add_argument("--run", required=True, metavar="ID")
+    _config_arg(replay)
+    replay.add_argument("--policies", type=Path, metavar="DIR")
+    replay.add_argument("--execute", action="store_true")
+    replay.add_argument("--against", metavar="URL")
+    replay.add_argument("--json", action="store_true", dest="as_json")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path)
+
+
+def _run_async(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.host or args.port is not None:
+        listen = config.listen.model_copy(
+            update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        )
+        config = config.model_copy(update={"listen": listen})
+    from proxy.server import serve
+
+    _run_async(serve(config, lambda line: print(line, flush=True)))
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        return run_demo(keep=args.keep, out=sys.stdout)
+    if args.command == "policy":
+        from proxy.policy.commands import policy_eval, policy_test
+
+        config = _load(args.config)
+        if args.policy_command == "eval":
+            return policy_eval(config, args.input, sys.stdout)
+        return policy_test(config, sys.stdout)
+    if args.command == "calls":
+        from proxy.tracing.commands import calls_command
+
+        return calls_command(
+            _load(args.config), run=args.run, tool=args.tool, decision=args.decision,
+            since=args.since, limit=args.limit, as_json=args.as_json, out=sys.stdout,
+        )
+    if args.command == "traces":
+        from proxy.tracing.commands import traces_command
+
+        return traces_command(
+            _load(args.config), run=args.run, trace_id=args.trace_id, tool=args.tool,
+            decision=args.decision, limit=args.limit, as_json=args.as_json, out=sys.stdout,
+        )
+    # approvals and replay: the contract names them; they arrive with human approval and
+    # run replay. Until then, say so plainly instead of pretending.
+    print(
+        f"handrail: '{args.command}' is not available in this version "
+        "(holds are refused; the journal keeps what replay will need)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return dispatch(args)
+    except ConfigError as exc:
+        print(f"handrail: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The admin plane: health, readiness, metrics, the journal and policy reloads.
+
+It runs on its own listener beside the data plane and reads the data app's backends.
+A configured token is required as ``Authorization: Bearer <token>`` (constant-time compare).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import asdict
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.errors import BadRequest, HandrailError
+from proxy.http.keys import CONFIG, DEPS, METRICS
+from proxy.http.middleware import error_middleware
+from proxy.tracing.base import CallQuery
+
+logger = logging.getLogger(__name__)
+
+DATA_APP = web.AppKey("data_app", web.Application)
+
+
+class Unauthorized(HandrailError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(HandrailError):
+    status, code = 404, "not_found"
+
+
+def _bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("a valid admin bearer token is required")
+        return await handler(request)
+
+    return check
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = request.app[DATA_APP].get(DEPS)
+    if deps is None:
+        return web.json_response({"ready": False, "detail": "starting"}, status=503)
+    checks: dict[str, dict[str, object]] = {}
+    try:
+        await deps.store.ping()
+        checks["store"] = {"ready": True, "detail": deps.config.store.url.split("://", 1)[0]}
+    except HandrailError as exc:
+        checks["store"] = {"ready": False, "detail": exc.message}
+    checks["policy"] = asdict(deps.engine.status())
+    ready = all(bool(c["ready"]) for c in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[DATA_APP][METRICS].registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def calls(request: web.Request) -> web.Response:
+    deps = request.app[DATA_APP][DEPS]
+    try:
+        limit = int(request.query.get("limit", "100"))
+        since = float(request.query["since"]) if "since" in request.query else None
+    except ValueError:
+        raise BadRequest("limit and since must be numbers") from None
+    await deps.journal.flush()
+    rows = await deps.journal.query(
+        CallQuery(
+            run_id=request.query.get("run"),
+            tool=request.query.get("tool"),
+            decision=request.query.get("decision"),
+            since=since,
+            limit=max(1, min(limit, 10_000)),
+        )
+    )
+    return web.json_response({"calls": rows})
+
+
+async def reload_policies(request: web.Request) -> web.Response:
+    deps = request.app[DATA_APP][DEPS]
+    status = await deps.engine.reload()
+    return web.json_response(asdict(status), status=200 if status.ready else 503)
+
+
+async def approvals(request: web.Request) -> web.Response:
+    # Held calls are refused until human approval lands, so there is never one waiting.
+    return web.json_response({"approvals": []})
+
+
+async def decide_approval(request: web.Request) -> web.Response:
+    raise NotFound(f"no approval {request.match_info['id']!r} is waiting")
+
+
+def build_admin_app(data_app: web.Application) -> web.Application:
+    token = data_app[CONFIG].admin.token
+    middlewares = [error_middleware] + ([_bearer_auth(token)] if token else [])
+    app = web.Application(middlewares=middlewares)
+    app[DATA_APP] = data_app
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/calls", calls)
+    app.router.add_post("/policies/reload", reload_policies)
+    app.router.add_get("/approvals", approvals)
+    app.router.add_post("/approvals/{id}", decide_approval)
+    return app

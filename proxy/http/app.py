@@ -1,0 +1,97 @@
+"""Builds the data-plane and admin apps; opens and closes every backend in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+
+from proxy.config import Config
+from proxy.deps import Deps
+from proxy.http.admin import build_admin_app
+from proxy.http.keys import CONFIG, DEPS, METRICS
+from proxy.http.middleware import add_traceresponse, error_middleware
+from proxy.http.routes import handle_tool
+from proxy.metrics import Metrics
+from proxy.policy import engine_from_config
+from proxy.store import store_from_config
+from proxy.tracing import journal_from_config, tracer_provider_from_config
+
+logger = logging.getLogger(__name__)
+
+PURGE_INTERVAL_S = 60.0
+PROVIDER = web.AppKey("tracer_provider", TracerProvider)
+
+__all__ = ["build_admin_app", "build_app"]
+
+
+async def _purge_forever(deps: Deps, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            purged = await deps.store.purge_expired()
+            if purged:
+                logger.info("purged %d expired idempotency records", purged)
+        except Exception:
+            logger.warning("purging expired records failed", exc_info=True)
+
+
+def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) -> web.Application:
+    """The agent-facing app. Backends open in ``cleanup_ctx`` and live under ``DEPS``."""
+    largest = max((t.max_body_bytes for t in config.tools.values()), default=1 << 20)
+    app = web.Application(middlewares=[error_middleware], client_max_size=largest + 1)
+    metrics = Metrics()
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    if tracer_provider is not None:
+        app[PROVIDER] = tracer_provider
+    app.cleanup_ctx.append(_backends)
+    app.on_response_prepare.append(add_traceresponse)
+    app.router.add_route("*", "/tools/{tool}", handle_tool)
+    app.router.add_route("*", "/tools/{tool}/{rest:.*}", handle_tool)
+    return app
+
+
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    config, metrics = app[CONFIG], app[METRICS]
+    own_provider = PROVIDER not in app
+    provider = app[PROVIDER] if not own_provider else tracer_provider_from_config(config.tracing, metrics)
+    async with contextlib.AsyncExitStack() as stack:
+        if own_provider:
+            stack.callback(provider.shutdown)
+        store = store_from_config(config.store)
+        await store.open()
+        stack.push_async_callback(store.close)
+        engine = engine_from_config(config.policy)
+        await engine.start()
+        stack.push_async_callback(engine.close)
+        journal = journal_from_config(config, metrics)
+        await journal.open()
+        stack.push_async_callback(journal.close)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        stack.push_async_callback(session.close)
+        deps = Deps(
+            config=config,
+            store=store,
+            engine=engine,
+            journal=journal,
+            tracer=provider.get_tracer("proxy"),
+            session=session,
+            metrics=metrics,
+        )
+        app[DEPS] = deps
+        purge = asyncio.create_task(_purge_forever(deps, PURGE_INTERVAL_S))
+        stack.callback(purge.cancel)
+        logger.info(
+            "handrail ready: engine=%s store=%s exporter=%s",
+            engine.name, config.store.url.split("://", 1)[0], config.tracing.exporter,
+        )
+        yield
+
+

@@ -1,0 +1,72 @@
+"""Config validation: every mistake is exit 2 with a one-line message naming the key or file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import load_config
+
+
+def handrail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "handrail.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    retries: 3\n", "tools.crm.retries: unknown key"),
+        ("listen: {host: 127.0.0.1, prot: 1}\n", "listen.prot: unknown key"),
+        ("tools:\n  crm:\n    upstream: ftp://files\n", "tools.crm.upstream"),
+        ("tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    idempotency: {mode: sometimes}\n", "tools.crm.idempotency.mode"),
+        ("store: {url: 'mysql://x'}\n", "store.url"),
+        ("tools:\n  crm:\n    upstream: http://h\n    headers: {Authorization: 'Bearer ${HANDRAIL_TEST_UNSET_TOKEN}'}\n", "tools.crm.headers.Authorization: environment variable HANDRAIL_TEST_UNSET_TOKEN is not set"),
+        ("tools: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    config = write(tmp_path, text)
+    result = handrail("policy", "test", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("handrail:")]
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert str(config) in lines[0]
+
+
+def test_missing_config_file_exits_2_naming_the_file(tmp_path: Path) -> None:
+    result = handrail("serve", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr and "cannot read" in result.stderr
+
+
+def test_env_vars_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_TOKEN", "abc")
+    monkeypatch.setenv("CRM_PORT", "9009")
+    config = load_config(
+        write(tmp_path, "tools:\n  crm:\n    upstream: http://127.0.0.1:${CRM_PORT}\n    headers: {Authorization: 'Bearer ${CRM_TOKEN}'}\nadmin: {token: '${ADMIN_T:-}'}\n")
+    )
+    assert config.tools["crm"].upstream == "http://127.0.0.1:9009"
+    assert config.tools["crm"].headers["Authorization"] == "Bearer abc"
+    assert config.admin.token is None
+
+
+def test_relative_policy_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "policy: {path: rules}\n"))
+    assert config.policy.path == tmp_path / "rules"
+
+
+def test_usage_error_exits_2() -> None:
+    result = handrail("calls", "--limit", "lots")
+    assert result.returncode == 2
