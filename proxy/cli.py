@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="data-plane host (overrides listen.host)")
     serve.add_argument("--port", type=int, help="data-plane port (overrides listen.port)")
 
-    demo = commands.add_parser("demo", help="a sample tool, the proxy and a scripted agent")
-    demo.add_argument("--keep", action="store_true", help="keep the demo's folder afterwards")
+    commands.add_parser("demo", help="a sample tool, the proxy and a scripted agent")
 
     policy = commands.add_parser("policy", help="evaluate or test policies")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUB")
@@ -122,26 +121,28 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from proxy.demo import run_demo
 
-        return run_demo(keep=args.keep, out=sys.stdout)
+        return run_demo(sys.stdout)
     if args.command == "policy":
+        config = _load(args.config)
         from proxy.policy.commands import policy_eval, policy_test
 
-        config = _load(args.config)
         if args.policy_command == "eval":
             return policy_eval(config, args.input, sys.stdout)
         return policy_test(config, sys.stdout)
     if args.command == "calls":
+        config = _load(args.config)
         from proxy.tracing.commands import calls_command
 
         return calls_command(
-            _load(args.config), run=args.run, tool=args.tool, decision=args.decision,
+            config, run=args.run, tool=args.tool, decision=args.decision,
             since=args.since, limit=args.limit, as_json=args.as_json, out=sys.stdout,
         )
     if args.command == "traces":
+        config = _load(args.config)
         from proxy.tracing.commands import traces_command
 
         return traces_command(
-            _load(args.config), run=args.run, trace_id=args.trace_id, tool=args.tool,
+            config, run=args.run, trace_id=args.trace_id, tool=args.tool,
             decision=args.decision, limit=args.limit, as_json=args.as_json, out=sys.stdout,
         )
     # approvals and replay: the contract names them; they arrive with human approval and

@@ -70,7 +70,7 @@ def tool_app(seen: Seen) -> web.Application:
         entry = {
             "method": request.method,
             "path": request.raw_path.split("?", 1)[0],
-            "query": request.query_string,
+            "query": request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "",
             "headers": dict(request.headers),
             "body": body.decode(errors="replace"),
             "host": request.host,

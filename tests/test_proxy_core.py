@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.conftest import ProxyFactory, Seen, free_port
 
-TRACERESPONSE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$")
+TRACERESPONSE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def crm(server, **extra):  # type: ignore[no-untyped-def]
@@ -188,11 +188,21 @@ async def test_bad_header_is_400_bad_request(tool, make_proxy: ProxyFactory) -> 
 async def test_path_cannot_escape_the_tools_base_url(tool, make_proxy: ProxyFactory, path: str) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))
-    resp = await proxy.get(path)
-    assert resp.status in (400, 404)
-    assert resp.content_type == "application/json"
-    assert all(r["path"].startswith("/api/") or r["path"] == "/api" for r in seen.requests)
+    status, head = await raw_request(proxy, f"GET {path} HTTP/1.1")
+    assert status in (400, 404), head
+    assert "application/json" in head
     assert seen.count() == 0
+
+
+async def raw_request(proxy, request_line: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Send a request line exactly as given: HTTP clients would normalise these paths."""
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(f"{request_line}\r\nHost: proxy\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head = data.decode(errors="replace").split("\r\n\r\n", 1)[0]
+    return int(head.split(" ", 2)[1]), head
 
 
 async def test_at_sign_in_path_stays_on_the_tools_host(tool, make_proxy: ProxyFactory) -> None:

@@ -20,4 +20,4 @@ class TraceIds(NamedTuple):
 CONFIG = web.AppKey("config", Config)
 DEPS = web.AppKey("deps", Deps)
 METRICS = web.AppKey("metrics", Metrics)
-TRACE_IDS = "handrail.trace_ids"
+TRACE_IDS = web.RequestKey("trace_ids", TraceIds)

@@ -35,7 +35,9 @@ def decision_from_value(value: Any, decision_id: str | None = None) -> Decision:
         return _malformed('"reasons" must be a list of strings', decision_id)
     approval = value.get("require_approval", False)
     if not isinstance(approval, bool):
-        return _malformed(f'"require_approval" must be a boolean, is a {_kind(approval)}', decision_id)
+        return _malformed(
+            f'"require_approval" must be a boolean, is a {_kind(approval)}', decision_id
+        )
     return Decision(
         allow=allow,
         reasons=tuple(raw_reasons),

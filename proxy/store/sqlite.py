@@ -304,7 +304,9 @@ class SqliteStore:
 
     async def release(self, tool: str, key: str, owner: str) -> None:
         if not await self._fetch(_RELEASE, (tool, key, owner)):
-            logger.info("idempotency key %r was no longer ours to release", key, extra={"tool": tool})
+            logger.info(
+                "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
+            )
 
     async def purge_expired(self) -> int:
         """Delete expired idempotency records (returned) and runs idle for ``run_ttl_s``."""

@@ -1,40 +1,163 @@
-"""Redaction and truncation of captured inputs and outputs: pure functions."""
+"""Redaction and truncation of captured inputs and outputs: pure functions.
+
+What leaves the proxy in a span or a journal row is always redacted first, then truncated:
+
+- a JSON (or form-encoded) body has the value of every key that names a secret replaced by
+  ``[REDACTED]``, at any depth, case-insensitively;
+- text that does not parse (a cut-off body, an SSE stream) is scrubbed by pattern, so a
+  ``"password": "..."`` inside it is still removed;
+- the tool's configured credentials (its injected header values) are removed wherever
+  they appear, even when a tool echoes them back;
+- the result is cut to ``max_bytes`` (UTF-8), with a marker saying how much was dropped.
+
+A key names a secret when the redact term appears in it as whole words: with the term
+``token``, ``token``, ``Access-Token``, ``accessToken`` and ``refresh_token`` are redacted,
+``max_tokens`` is not. ``apikey`` also matches the term ``api_key`` (separators ignored).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 REDACTED = "[REDACTED]"
 
-
-def redact(value: Any, keys: frozenset[str]) -> Any:
-    """Replace the value of every key named in ``keys`` (case-insensitive), at any depth."""
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if str(k).lower() in keys else redact(v, keys) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v, keys) for v in value]
-    return value
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
+_PARSE_FACTOR = 4
+_PARSE_MIN = 64 * 1024
+_SCRUB_MARGIN = 4096
+"""Text is scrubbed a little past the limit, so that a secret cut by the limit is still found."""
+_MIN_SECRET_LEN = 4
+"""Shorter configured values are not scrubbed from text (they would match everywhere)."""
 
 
-def truncate(text: str, max_bytes: int) -> str:
-    data = text.encode()
-    if len(data) <= max_bytes:
+def _words(key: str) -> tuple[str, ...]:
+    spaced = _CAMEL.sub(r"\1_\2", key).lower()
+    return tuple(w for w in _SEPARATORS.split(spaced) if w)
+
+
+@dataclass(frozen=True, slots=True)
+class Redactor:
+    """Which keys and which literal values never leave the proxy."""
+
+    terms: tuple[tuple[str, ...], ...]
+    secrets: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, keys: Iterable[str], secrets: Iterable[str] = ()) -> Redactor:
+        terms = tuple(w for w in (_words(k) for k in keys) if w)
+        found: set[str] = set()
+        for value in secrets:
+            value = value.strip()
+            if len(value) >= _MIN_SECRET_LEN:
+                found.add(value)
+            # "Bearer abc123": the token alone must not leak either.
+            scheme, _, credential = value.partition(" ")
+            if credential.strip() and len(credential.strip()) >= _MIN_SECRET_LEN:
+                found.add(credential.strip())
+        # Longest first, so a value is removed whole before any part of it.
+        return cls(terms, tuple(sorted(found, key=len, reverse=True)))
+
+    def is_secret_key(self, key: object) -> bool:
+        words = _words(str(key))
+        if not words:
+            return False
+        compact = "".join(words)
+        for term in self.terms:
+            n = len(term)
+            if compact == "".join(term):
+                return True
+            if any(words[i : i + n] == term for i in range(len(words) - n + 1)):
+                return True
+        return False
+
+    def value(self, value: Any) -> Any:
+        """A copy of a JSON-like value with every secret key's value replaced, at any depth."""
+        if isinstance(value, dict):
+            return {
+                k: REDACTED if self.is_secret_key(k) else self.value(v) for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        if isinstance(value, str):
+            return self.scrub_secrets(value)
+        return value
+
+    def scrub_secrets(self, text: str) -> str:
+        """Remove the configured credential values wherever they appear."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
         return text
-    return data[:max_bytes].decode(errors="ignore") + f"...[truncated {len(data) - max_bytes} bytes]"
+
+    def text(self, text: str) -> str:
+        """Scrub text that is not a parsed document: ``"key": value`` and ``key=value``."""
+        if self.terms:
+            text = _JSON_PAIR.sub(self._json_pair, text)
+            text = _FORM_PAIR.sub(self._form_pair, text)
+        return self.scrub_secrets(text)
+
+    def _json_pair(self, match: re.Match[str]) -> str:
+        if not self.is_secret_key(match.group("key")):
+            return match.group(0)
+        return f'{match.group("head")}"{REDACTED}"'
+
+    def _form_pair(self, match: re.Match[str]) -> str:
+        if not self.is_secret_key(match.group("key")):
+            return match.group(0)
+        return f"{match.group('head')}{REDACTED}"
 
 
-def capture_json(value: Any, keys: frozenset[str], max_bytes: int) -> str:
-    return truncate(json.dumps(redact(value, keys), ensure_ascii=False, default=str), max_bytes)
+# "key": "string" | number | literal  (the value may be cut off at the end of the text)
+_JSON_PAIR = re.compile(
+    r'(?P<head>"(?P<key>(?:[^"\\]|\\.){1,200})"\s*:\s*)'
+    r'(?P<value>"(?:[^"\\]|\\.)*(?:"|$)|[^\s,}\]]+)'
+)
+# key=value in a query string or form body
+_FORM_PAIR = re.compile(r"(?P<head>(?:^|(?<=[&?\s;]))(?P<key>[A-Za-z0-9_.\-\[\]]{1,200})=)[^&\s;\"]*")
 
 
-def capture_body(body: bytes, keys: frozenset[str], max_bytes: int) -> str:
-    """A body for a span or the journal: redacted JSON when it parses, else the text."""
-    if not body:
+def truncate(text: str, max_bytes: int, *, original_bytes: int | None = None) -> str:
+    """At most ``max_bytes`` of UTF-8, ending in a marker when something was cut.
+
+    ``original_bytes`` is the size of what ``text`` was taken from, when that was larger.
+    """
+    data = text.encode()
+    total = max(len(data), original_bytes or 0)
+    if total <= max_bytes and len(data) <= max_bytes:
+        return text
+    keep = min(len(data), max_bytes - len(f"...[truncated {total} bytes]"))
+    if keep <= 0:
+        return data[:max_bytes].decode(errors="ignore")
+    return data[:keep].decode(errors="ignore") + f"...[truncated {total - keep} bytes]"
+
+
+def capture_json(value: Any, redactor: Redactor, max_bytes: int) -> str:
+    """A parsed document, redacted, as compact JSON cut to ``max_bytes``."""
+    text = json.dumps(redactor.value(value), ensure_ascii=False, separators=(",", ":"), default=str)
+    return truncate(text, max_bytes)
+
+
+def capture_body(body: bytes, redactor: Redactor, max_bytes: int) -> str:
+    """A body for a span or the journal: redacted JSON when it parses, else scrubbed text
+    (a form body, an SSE stream, or JSON cut off at the capture limit).
+
+    A body far over the limit is not parsed (that would cost the call path milliseconds):
+    only its head is scrubbed as text and kept.
+    """
+    if not body or max_bytes <= 0:
         return ""
-    try:
-        return capture_json(json.loads(body), keys, max_bytes)
-    except ValueError:
-        return truncate(body[: max_bytes + 1].decode(errors="replace"), max_bytes)
+    if len(body) <= max(_PARSE_FACTOR * max_bytes, _PARSE_MIN):
+        try:
+            return capture_json(json.loads(body), redactor, max_bytes)
+        except ValueError:
+            pass
+    head = body[: max_bytes + _SCRUB_MARGIN]
+    if b"\x00" in head[:1024]:
+        return f"[{len(body)} bytes of binary data]"
+    text = redactor.text(head.decode("utf-8", errors="replace"))
+    return truncate(text, max_bytes, original_bytes=len(body) if len(body) > len(head) else None)

@@ -1,0 +1,219 @@
+# Handrail's starter policy: one decision per tool call.
+#
+# decision := {"allow": bool, "reasons": [string], "require_approval": bool}
+#
+# A call is denied when any rule adds to `violations`; it is held for a human when no rule
+# denies it but some rule adds to `holds`; otherwise it is allowed. Everything tunable lives
+# in data.handrail_settings (policies/data.json); see policies/README.md.
+package handrail
+
+import rego.v1
+
+default allow := false
+
+default require_approval := false
+
+default visible := false
+
+allow if {
+	count(violations) == 0
+	count(holds) == 0
+}
+
+require_approval if {
+	count(violations) == 0
+	count(holds) > 0
+}
+
+reasons := violations if count(violations) > 0
+
+reasons := holds if count(violations) == 0
+
+decision := {
+	"allow": allow,
+	"reasons": reasons,
+	"require_approval": require_approval,
+}
+
+# tools/list: an agent sees the tools it may call, minus destructive ones it may not run.
+visible if {
+	_tool_allowed
+	not _destructive_blocked
+}
+
+# --- settings (data.handrail_settings), with built-in defaults --------------------------
+
+default _settings := {}
+
+_settings := data.handrail_settings
+
+_builtin_agent := {"tools": ["*"], "write_budget": 50, "allow_destructive": []}
+
+_agent := object.union(
+	object.union(_builtin_agent, object.get(_settings, "default_agent", {})),
+	object.get(object.get(_settings, "agents", {}), input.agent.id, {}),
+)
+
+_agent_label := input.agent.id if input.agent.id != ""
+
+_agent_label := "(anonymous)" if input.agent.id == ""
+
+_max_repeats := object.get(_settings, "max_repeats", 5)
+
+_limits := object.get(object.get(_settings, "limits", {}), _call_name, {})
+
+# --- what is being called ---------------------------------------------------------------
+
+_mcp if is_object(input.call)
+
+# "crm" for plain HTTP, "crm.update_contact" for an MCP tools/call.
+_call_name := input.tool.name if not _mcp
+
+_call_name := concat(".", [input.tool.name, input.call.name]) if _mcp
+
+# The payload the tool acts on: the MCP arguments, or the HTTP JSON body.
+_payload := input.call.arguments if _mcp
+
+_payload := input.request.body if not _mcp
+
+_write if {
+	not _mcp
+	input.request.method in {"POST", "PUT", "PATCH", "DELETE"}
+}
+
+_write if {
+	_mcp
+	not input.call.annotations.readOnlyHint
+}
+
+# --- tool allowlist per agent -----------------------------------------------------------
+
+_tool_allowed if "*" in _agent.tools
+
+_tool_allowed if input.tool.name in _agent.tools
+
+_tool_allowed if _call_name in _agent.tools
+
+violations contains msg if {
+	not _tool_allowed
+	msg := sprintf("agent %s may not call %s", [_agent_label, _call_name])
+}
+
+# --- per-run write budget ---------------------------------------------------------------
+
+violations contains msg if {
+	_write
+	input.run.writes >= _agent.write_budget
+	msg := sprintf("run write budget spent: %v of %v writes", [input.run.writes, _agent.write_budget])
+}
+
+# --- loop detection ---------------------------------------------------------------------
+
+violations contains msg if {
+	input.run.repeats >= _max_repeats
+	msg := sprintf(
+		"loop suspected: this run already made the same call %v times (limit %v)",
+		[input.run.repeats, _max_repeats],
+	)
+}
+
+# --- destructive calls ------------------------------------------------------------------
+
+_destructive_allowed if _call_name in _agent.allow_destructive
+
+_destructive_allowed if input.tool.name in _agent.allow_destructive
+
+_path_segments := [s | some s in split(input.request.path, "/"); s != ""]
+
+# An id segment is the last path segment holding a digit: /contacts/42, /orders/ord_9f2.
+_targets_one_item if regex.match(`[0-9]`, _path_segments[count(_path_segments) - 1])
+
+_destructive_blocked if {
+	input.call.annotations.destructiveHint == true
+	not _destructive_allowed
+}
+
+violations contains msg if {
+	not _mcp
+	input.request.method == "DELETE"
+	not _targets_one_item
+	not _destructive_allowed
+	msg := sprintf("DELETE %s would delete a whole collection", [input.request.path])
+}
+
+violations contains msg if {
+	_destructive_blocked
+	msg := sprintf("%s is marked destructive and is not allowed for agent %s", [_call_name, _agent_label])
+}
+
+# --- argument limits --------------------------------------------------------------------
+
+holds contains msg if {
+	some field, limit in _limits
+	value := _payload[field]
+	is_number(value)
+	value > limit.approval_over
+	msg := sprintf("%s %s=%v is over %v: needs a human's approval", [_call_name, field, value, limit.approval_over])
+}
+
+violations contains msg if {
+	some field, limit in _limits
+	value := _payload[field]
+	is_number(value)
+	value > limit.deny_over
+	msg := sprintf("%s %s=%v is over the limit %v", [_call_name, field, value, limit.deny_over])
+}
+
+# --- no secrets in arguments ------------------------------------------------------------
+
+_secret_patterns := {
+	"an API secret key (sk-...)": `sk-[A-Za-z0-9_-]{16,}`,
+	"a live payment key": `[rs]k_live_[A-Za-z0-9]{16,}`,
+	"an AWS access key id": `AKIA[0-9A-Z]{16}`,
+	"a GitHub token": `gh[pousr]_[A-Za-z0-9]{30,}`,
+	"a private key": `-----BEGIN [A-Z ]*PRIVATE KEY-----`,
+}
+
+_strings contains [path, value] if {
+	walk(_payload, [path, value])
+	is_string(value)
+}
+
+_field(path) := "(whole body)" if count(path) == 0
+
+_field(path) := concat(".", [sprintf("%v", [p]) | some p in path]) if count(path) > 0
+
+violations contains msg if {
+	some [path, value] in _strings
+	some kind, pattern in _secret_patterns
+	regex.match(pattern, value)
+	msg := sprintf("argument %s looks like %s; secrets must not be sent to tools", [_field(path), kind])
+}
+
+violations contains msg if {
+	some [path, value] in _strings
+	some candidate in regex.find_n(`[0-9](?:[ -]?[0-9]){12,18}`, value, -1)
+	_luhn_valid(regex.replace(candidate, `[^0-9]`, ""))
+	msg := sprintf("argument %s looks like a payment card number", [_field(path)])
+}
+
+# Luhn checksum over a string of digits: catches card numbers, not order ids or phone numbers.
+_luhn_valid(digits) if {
+	chars := split(digits, "")
+	n := count(chars)
+	terms := [t | d := chars[i]; t := _luhn_term(to_number(d), n - i)]
+	sum(terms) % 10 == 0
+}
+
+# pos counts from the right, starting at 1; every second digit is doubled.
+_luhn_term(d, pos) := d if pos % 2 == 1
+
+_luhn_term(d, pos) := d * 2 if {
+	pos % 2 == 0
+	d * 2 <= 9
+}
+
+_luhn_term(d, pos) := (d * 2) - 9 if {
+	pos % 2 == 0
+	d * 2 > 9
+}

@@ -1,0 +1,172 @@
+"""``handrail demo``: a sample tool, the proxy on the shipped policies, and a scripted agent.
+
+Everything runs in this process on loopback ports; the store and journal go under
+``.handrail/demo/`` so ``handrail calls`` can read them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+from aiohttp import web
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from proxy.config import parse_config, shipped_policies
+from proxy.http.app import build_admin_app, build_app
+from proxy.http.keys import DEPS
+
+DEMO_DIR = Path(".handrail/demo")
+
+
+def sample_tool() -> tuple[web.Application, dict[str, int]]:
+    """A tiny CRM: contacts and refunds, counting how often each write really ran."""
+    ran = {"create_contact": 0, "refund": 0}
+    contacts: dict[str, dict[str, Any]] = {}
+
+    async def list_contacts(request: web.Request) -> web.Response:
+        return web.json_response({"contacts": list(contacts.values())})
+
+    async def create_contact(request: web.Request) -> web.Response:
+        ran["create_contact"] += 1
+        data = await request.json()
+        contact = {"id": f"c-{len(contacts) + 1}", **data}
+        contacts[contact["id"]] = contact
+        return web.json_response(contact, status=201)
+
+    async def refund(request: web.Request) -> web.Response:
+        ran["refund"] += 1
+        return web.json_response({"refunded": (await request.json()).get("amount")})
+
+    app = web.Application()
+    app.router.add_get("/contacts", list_contacts)
+    app.router.add_post("/contacts", create_contact)
+    app.router.add_post("/refunds", refund)
+    return app, ran
+
+
+def _config(tool_url: str, directory: Path) -> dict[str, Any]:
+    return {
+        "listen": {"port": 0},
+        "admin": {"port": 0},
+        "tools": {"crm": {"upstream": tool_url, "idempotency": {"mode": "attach"}}},
+        "policy": {"path": str(_policies()), "watch": False},
+        "store": {"url": f"sqlite:///{(directory / 'handrail.db').resolve()}"},
+        "tracing": {"exporter": "none"},
+    }
+
+
+def _policies() -> Path:
+    local = Path("policies")
+    return local.resolve() if (local / "handrail.rego").is_file() else shipped_policies()
+
+
+def _tree(spans: list[ReadableSpan], trace_id: int) -> list[str]:
+    mine = [s for s in spans if s.context is not None and s.context.trace_id == trace_id]
+    children: dict[int | None, list[ReadableSpan]] = {}
+    ids = {s.context.span_id for s in mine if s.context is not None}
+    for span in mine:
+        parent = span.parent.span_id if span.parent and span.parent.span_id in ids else None
+        children.setdefault(parent, []).append(span)
+    lines: list[str] = []
+
+    def walk(parent: int | None, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: s.start_time or 0):
+            attrs = span.attributes or {}
+            notes = [f"{k}={attrs[k]}" for k in ("handrail.decision", "handrail.idempotency.replayed", "http.response.status_code") if k in attrs]
+            lines.append(f"{'  ' * depth}- {span.name}  {' '.join(notes)}".rstrip())
+            assert span.context is not None
+            walk(span.context.span_id, depth + 1)
+
+    walk(None, 2)
+    return lines
+
+
+async def _demo(out: TextIO) -> int:
+    tool_app, ran = sample_tool()
+    tool_runner = web.AppRunner(tool_app, access_log=None)
+    await tool_runner.setup()
+    site = web.TCPSite(tool_runner, "127.0.0.1", 0)
+    await site.start()
+    tool_url = "http://127.0.0.1:%d" % tool_runner.addresses[0][1]
+
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    raw = _config(tool_url, DEMO_DIR)
+    (DEMO_DIR / "handrail.yaml").write_text(json.dumps(raw, indent=2) + "\n")
+    config = parse_config(raw, str(DEMO_DIR / "handrail.yaml"))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = build_app(config, tracer_provider=provider)
+    runner = web.AppRunner(app, access_log=None)
+    admin_runner = web.AppRunner(build_admin_app(app), access_log=None)
+    await runner.setup()
+    await admin_runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(admin_runner, "127.0.0.1", 0).start()
+    proxy = "http://127.0.0.1:%d/tools/crm" % runner.addresses[0][1]
+    run_id = "demo-" + secrets.token_hex(3)
+    agent = {"X-Agent-Id": "demo-agent", "X-Run-Id": run_id}
+    p = lambda line="": print(line, file=out, flush=True)  # noqa: E731
+
+    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}, policies from {config.policy.path}")
+    p(f"The agent 'demo-agent' runs '{run_id}'; every call goes through the proxy.\n")
+    ok = True
+    async with aiohttp.ClientSession(headers=agent) as http:
+        async def call(title: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+            async with http.request(method, proxy + path, json=body, headers=headers) as resp:
+                data = await resp.json()
+                p(f"{title}\n  {method} /tools/crm{path} -> {resp.status}"
+                  + (" (Idempotent-Replayed)" if resp.headers.get("Idempotent-Replayed") else ""))
+                return resp.status, data, resp
+
+        status, data, _ = await call("1. Read: allowed by policy", "GET", "/contacts")
+        ok &= status == 200
+        status, data, resp = await call("2. Write: allowed, an idempotency key is attached", "POST", "/contacts", {"name": "Ada Lovelace", "email": "ada@example.com"})
+        ok &= status == 201
+        p(f"  the tool created {data.get('id')}")
+        status, data, resp = await call("3. The agent blindly retries the same write (its keys reordered)", "POST", "/contacts", {"email": "ada@example.com", "name": "Ada Lovelace"})
+        ok &= status == 201 and resp.headers.get("Idempotent-Replayed") == "true"
+        p(f"  replayed from the store: the tool ran create_contact {ran['create_contact']} time(s)")
+        replay_trace = int(resp.headers["traceresponse"].split("-")[1], 16)
+        status, data, _ = await call("4. Write with a secret in its arguments: denied with reasons", "POST", "/contacts", {"name": "Eve", "note": "use key sk-live-4eC39HqLyjWDarjtT1zdp7dc"})
+        ok &= status == 403
+        error = data.get("error", {})
+        for reason in error.get("reasons", []):
+            p(f"  reason: {reason}")
+        p(f"  (the tool was not called; decision {error.get('decision_id')})")
+        status, data, _ = await call("5. A refund over the limit: the policy asks for a human", "POST", "/refunds", {"amount": 5000, "order": "o-1"})
+        error = data.get("error", {})
+        p(f"  {error.get('code')}: {error.get('message')}")
+        ok &= ran["refund"] == 0 and ran["create_contact"] == 1
+
+    deps = app[DEPS]
+    await deps.journal.flush()
+    from proxy.tracing.base import CallQuery
+
+    rows = await deps.journal.query(CallQuery(run_id=run_id, limit=20))
+    p(f"\nThe journal recorded {len(rows)} calls for run {run_id}:")
+    for row in reversed(rows):
+        p(f"  {row.get('method', ''):6} {row.get('path', ''):12} decision={row.get('decision')} status={row.get('status')} replayed={row.get('replayed')}")
+    p(f"\nThe trace of the replayed retry ({replay_trace:032x}):")
+    for line in _tree(list(exporter.get_finished_spans()), replay_trace):
+        p(line)
+    p(f"\nSee them again with: handrail calls -c {DEMO_DIR / 'handrail.yaml'} --run {run_id}")
+    p("With tracing.exporter: otlp the same spans go to your trace backend (e.g. Arize Phoenix).")
+
+    await admin_runner.cleanup()
+    await runner.cleanup()
+    await tool_runner.cleanup()
+    provider.shutdown()
+    p("\ndemo " + ("finished: every call behaved as expected" if ok else "FAILED: see above"))
+    return 0 if ok else 1
+
+
+def run_demo(out: TextIO) -> int:
+    return asyncio.run(_demo(out))

@@ -1,0 +1,376 @@
+"""The shared store: idempotency records and run counters in PostgreSQL, for many replicas.
+
+Every operation is one statement (CTEs, ``INSERT ... ON CONFLICT ... RETURNING``), so it
+is atomic and costs one round trip; asyncpg prepares and caches each statement per
+connection. Timestamps come from the server's clock (``now()``) so replicas agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
+from proxy.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "store"
+RUN_TTL_S = 7 * 86400.0
+PURGE_BATCH = 1000
+SCHEMA_LOCK = 0x68616E6472616C  # pg_advisory_xact_lock key shared by every component's migrations
+_CLAIM_ATTEMPTS = 5
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE handrail_idempotency (
+                tool text NOT NULL,
+                key text NOT NULL,
+                fingerprint text NOT NULL,
+                state text NOT NULL,
+                owner text NOT NULL,
+                lease_until timestamptz NOT NULL,
+                expires_at timestamptz NOT NULL,
+                created_at timestamptz NOT NULL,
+                status integer,
+                headers text,
+                body bytea,
+                complete boolean,
+                PRIMARY KEY (tool, key)
+            )""",
+            "CREATE INDEX handrail_idempotency_expires ON handrail_idempotency (expires_at)",
+            """CREATE TABLE handrail_runs (
+                run_id text PRIMARY KEY,
+                calls bigint NOT NULL,
+                writes bigint NOT NULL,
+                denied bigint NOT NULL,
+                updated_at timestamptz NOT NULL
+            )""",
+            "CREATE INDEX handrail_runs_updated ON handrail_runs (updated_at)",
+            """CREATE TABLE handrail_run_calls (
+                run_id text NOT NULL,
+                fingerprint text NOT NULL,
+                n bigint NOT NULL,
+                updated_at timestamptz NOT NULL,
+                PRIMARY KEY (run_id, fingerprint)
+            )""",
+            "CREATE INDEX handrail_run_calls_updated ON handrail_run_calls (updated_at)",
+        ),
+    ),
+)
+
+# Owned: the first branch returns a row. Otherwise the second returns the record as this
+# statement's snapshot sees it; no row (or a stale one) means a concurrent change we could
+# not see yet, and the claim is simply tried again.
+_CLAIM = """
+WITH claimed AS (
+    INSERT INTO handrail_idempotency AS r
+        (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at)
+    VALUES ($1, $2, $3, 'in_flight', $4, now() + make_interval(secs => $5),
+            now() + make_interval(secs => greatest($5, $6)), now())
+    ON CONFLICT (tool, key) DO UPDATE SET
+        fingerprint = EXCLUDED.fingerprint, state = 'in_flight', owner = EXCLUDED.owner,
+        lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at,
+        created_at = EXCLUDED.created_at,
+        status = NULL, headers = NULL, body = NULL, complete = NULL
+    WHERE r.expires_at <= now() OR (r.state = 'in_flight' AND r.lease_until <= now())
+    RETURNING 1
+)
+SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS stale,
+       NULL::integer AS status, NULL::text AS headers, NULL::bytea AS body,
+       NULL::boolean AS complete
+FROM claimed
+UNION ALL
+SELECT false, fingerprint, state,
+       expires_at <= now() OR (state = 'in_flight' AND lease_until <= now()),
+       status, headers, body, complete
+FROM handrail_idempotency
+WHERE tool = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)
+"""
+
+_COMPLETE = """
+UPDATE handrail_idempotency
+SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+"""
+
+_RELEASE = """
+DELETE FROM handrail_idempotency
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+"""
+
+_RUN_COUNTERS = """
+SELECT r.calls, r.writes, r.denied, c.n
+FROM (SELECT 1) AS one
+LEFT JOIN handrail_runs AS r ON r.run_id = $1
+LEFT JOIN handrail_run_calls AS c ON c.run_id = $1 AND c.fingerprint = $2
+"""
+
+# Both rows are locked in the same order by every caller: no deadlocks.
+_COUNT_CALL = """
+WITH run AS (
+    INSERT INTO handrail_runs AS r (run_id, calls, writes, denied, updated_at)
+    VALUES ($1, 1, $3, $4, now())
+    ON CONFLICT (run_id) DO UPDATE SET
+        calls = r.calls + 1, writes = r.writes + EXCLUDED.writes,
+        denied = r.denied + EXCLUDED.denied, updated_at = EXCLUDED.updated_at
+)
+INSERT INTO handrail_run_calls AS c (run_id, fingerprint, n, updated_at)
+VALUES ($1, $2, 1, now())
+ON CONFLICT (run_id, fingerprint) DO UPDATE SET n = c.n + 1, updated_at = EXCLUDED.updated_at
+"""
+
+_PURGE_RECORDS = f"""
+WITH gone AS (
+    DELETE FROM handrail_idempotency
+    WHERE (tool, key) IN (
+        SELECT tool, key FROM handrail_idempotency WHERE expires_at <= now()
+        LIMIT {PURGE_BATCH}
+    ) AND expires_at <= now()
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+_PURGE_RUNS = f"""
+WITH gone AS (
+    DELETE FROM handrail_runs
+    WHERE run_id IN (
+        SELECT run_id FROM handrail_runs
+        WHERE updated_at <= now() - make_interval(secs => $1) LIMIT {PURGE_BATCH}
+    ) AND updated_at <= now() - make_interval(secs => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+_PURGE_RUN_CALLS = f"""
+WITH gone AS (
+    DELETE FROM handrail_run_calls
+    WHERE (run_id, fingerprint) IN (
+        SELECT run_id, fingerprint FROM handrail_run_calls
+        WHERE updated_at <= now() - make_interval(secs => $1) LIMIT {PURGE_BATCH}
+    ) AND updated_at <= now() - make_interval(secs => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([[k, v] for k, v in headers], separators=(",", ":"))
+
+
+def _decode_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(v)) for k, v in json.loads(raw or "[]"))
+
+
+def _affected(status: str) -> int:
+    """asyncpg's command tag, e.g. ``UPDATE 1``: how many rows the statement touched."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class PostgresStore:
+    """The shared store: every replica pointed at one database gives the same guarantees."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        run_ttl_s: float = RUN_TTL_S,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.run_ttl_s = run_ttl_s
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout_s = timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return "PostgresStore(...)"  # the DSN may hold a password
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                command_timeout=self.timeout_s,
+                timeout=self.timeout_s,
+                max_inactive_connection_lifetime=300.0,
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        self._pool = pool
+        try:
+            await self._migrate()
+        except BaseException:
+            self._pool = None
+            pool.terminate()
+            raise
+
+    async def _migrate(self) -> None:
+        """Apply the migrations above the recorded version; an advisory lock serializes replicas."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS handrail_schema "
+                "(component text PRIMARY KEY, version integer NOT NULL)"
+            )
+            current = await conn.fetchval(
+                "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
+            )
+            current = int(current or 0)
+            latest = MIGRATIONS[-1][0]
+            if current > latest:
+                logger.warning(
+                    "the PostgreSQL store's schema is version %d, newer than this proxy's %d",
+                    current,
+                    latest,
+                )
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO handrail_schema (component, version) VALUES ($1, $2) "
+                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                    COMPONENT,
+                    version,
+                )
+                logger.info("migrated the PostgreSQL store to schema version %d", version)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.timeout_s)
+        except _DRIVER_ERRORS:
+            pool.terminate()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; every driver failure inside becomes ``StoreUnavailable``."""
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not open")
+        try:
+            async with self._pool.acquire(timeout=self.timeout_s) as conn:
+                yield conn
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"the PostgreSQL store failed: {exc!r}") from exc
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval(
+                "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
+            )
+
+    async def claim(
+        self, tool: str, key: str, fingerprint: str, *, lease_s: float, ttl_s: float
+    ) -> Claim:
+        owner = uuid.uuid4().hex
+        for _ in range(_CLAIM_ATTEMPTS):
+            async with self._connection() as conn:
+                row = await conn.fetchrow(
+                    _CLAIM, tool, key, fingerprint, owner, float(lease_s), float(ttl_s)
+                )
+            if row is None or row["stale"]:
+                continue  # changed concurrently, after this statement's snapshot: look again
+            if row["owned"]:
+                return Claim(ClaimState.OWNED, owner=owner)
+            if row["fingerprint"] != fingerprint:
+                return Claim(ClaimState.MISMATCH)
+            if row["state"] == "in_flight":
+                return Claim(ClaimState.IN_FLIGHT)
+            response = StoredResponse(
+                status=int(row["status"]),
+                headers=_decode_headers(row["headers"]),
+                body=bytes(row["body"] or b""),
+                complete=bool(row["complete"]),
+            )
+            return Claim(ClaimState.COMPLETED, response=response)
+        raise StoreUnavailable(f"could not settle a claim on key {key!r} (too much contention)")
+
+    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> None:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                _COMPLETE,
+                tool,
+                key,
+                owner,
+                response.status,
+                _encode_headers(response.headers),
+                response.body,
+                response.complete,
+            )
+        if not _affected(status):
+            logger.warning(
+                "idempotency key %r was no longer ours to complete (lease ran out)",
+                key,
+                extra={"tool": tool},
+            )
+
+    async def release(self, tool: str, key: str, owner: str) -> None:
+        async with self._connection() as conn:
+            status = await conn.execute(_RELEASE, tool, key, owner)
+        if not _affected(status):
+            logger.info(
+                "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
+            )
+
+    async def purge_expired(self) -> int:
+        """Delete expired idempotency records (returned) and runs idle for ``run_ttl_s``."""
+        purged = {"records": 0, "runs": 0, "run_calls": 0}
+        batches = (
+            ("records", _PURGE_RECORDS, ()),
+            ("runs", _PURGE_RUNS, (float(self.run_ttl_s),)),
+            ("run_calls", _PURGE_RUN_CALLS, (float(self.run_ttl_s),)),
+        )
+        for name, sql, args in batches:
+            while True:
+                async with self._connection() as conn:
+                    deleted = int(await conn.fetchval(sql, *args))
+                purged[name] += deleted
+                if deleted < PURGE_BATCH:
+                    break
+        if any(purged.values()):
+            logger.info("purged expired store records: %s", purged)
+        return purged["records"]
+
+    async def run_counters(self, run_id: str, call_fingerprint: str) -> RunCounters:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_RUN_COUNTERS, run_id, call_fingerprint)
+        return RunCounters(
+            calls=row[0] or 0, writes=row[1] or 0, denied=row[2] or 0, repeats=row[3] or 0
+        )
+
+    async def count_call(
+        self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(_COUNT_CALL, run_id, call_fingerprint, int(write), int(denied))

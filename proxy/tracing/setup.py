@@ -1,0 +1,259 @@
+"""The OpenTelemetry SDK wiring: the app's TracerProvider and its OTLP export.
+
+The only module that touches the SDK and the OTLP exporters. Export never gets in the way
+of a call: ended spans go to a bounded queue that a background thread drains in batches;
+each export has a short timeout; a full queue or a failed export drops spans, and every
+dropped span is counted (``handrail_trace_export_dropped{sink="otlp"}``) and reported in a
+rate-limited warning. Shutting down is bounded too, whatever state the endpoint is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from proxy.config import TracingConfig
+from proxy.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+PROJECT_NAME = "openinference.project.name"
+OTLP_SINK = "otlp"
+
+QUEUE_SIZE = 4096
+BATCH_SIZE = 512
+SCHEDULE_DELAY_MS = 500
+EXPORT_TIMEOUT_S = 3.0
+"""Per export request, unless ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` says otherwise."""
+SHUTDOWN_BUDGET_S = 3.0
+"""How long shutdown may spend sending what is still queued before dropping it."""
+WARN_EVERY_S = 60.0
+
+_TRACES_PATH = "/v1/traces"
+
+
+def service_name(config: TracingConfig) -> str:
+    """The configured name; else ``OTEL_SERVICE_NAME``; else the default ``handrail``."""
+    if "service_name" not in config.model_fields_set and os.environ.get("OTEL_SERVICE_NAME"):
+        return os.environ["OTEL_SERVICE_NAME"]
+    return config.service_name
+
+
+def project_name(config: TracingConfig) -> str:
+    """Phoenix's project for our spans: ``project_name``, else the service name."""
+    return config.project_name or service_name(config)
+
+
+def build_resource(config: TracingConfig) -> Resource:
+    """``service.name`` and ``openinference.project.name``; ``OTEL_RESOURCE_ATTRIBUTES`` merge in."""
+    return Resource.create({SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)})
+
+
+def http_traces_endpoint(endpoint: str) -> str:
+    """A base URL (``http://host:4318``) gets ``/v1/traces``; a full signal URL is kept."""
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + _TRACES_PATH
+    return endpoint
+
+
+def _export_timeout() -> float | None:
+    """``None`` lets the exporter read ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` itself."""
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    ):
+        return None
+    return EXPORT_TIMEOUT_S
+
+
+def _protocol(config: TracingConfig) -> str:
+    """The configured protocol; with no endpoint configured, the OTEL_* variable may choose."""
+    if config.endpoint is None and "protocol" not in config.model_fields_set:
+        env = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        if env in ("grpc", "http/protobuf"):
+            return env
+    return config.protocol
+
+
+def otlp_exporter(config: TracingConfig) -> SpanExporter:
+    """The OTLP span exporter for ``protocol``; unset ``endpoint`` leaves OTEL_* in charge."""
+    timeout = _export_timeout()
+    if _protocol(config) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        endpoint = config.endpoint
+        insecure = None
+        if endpoint is not None:
+            insecure = urlsplit(endpoint).scheme != "https"
+        return GrpcSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    endpoint = http_traces_endpoint(config.endpoint) if config.endpoint else None
+    return HttpSpanExporter(endpoint=endpoint, timeout=timeout)
+
+
+class DropCounter:
+    """Counts dropped spans and warns about them at most once a minute."""
+
+    def __init__(self, metrics: Metrics, sink: str = OTLP_SINK) -> None:
+        self._counter = metrics.export_dropped.labels(sink)
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self._last_warning = float("-inf")
+
+    def drop(self, count: int, why: str) -> None:
+        if count <= 0:
+            return
+        self._counter.inc(count)
+        with self._lock:
+            self._unreported += count
+            now = time.monotonic()
+            if now - self._last_warning < WARN_EVERY_S:
+                return
+            count, self._unreported, self._last_warning = self._unreported, 0, now
+        logger.warning("dropped %d spans (%s): %s", count, self._sink, why)
+
+
+class GuardedExporter(SpanExporter):
+    """Wraps the OTLP exporter: counts what fails, and gives up on time at shutdown."""
+
+    def __init__(self, inner: SpanExporter, drops: DropCounter) -> None:
+        self._inner = inner
+        self._drops = drops
+        self._deadline: float | None = None
+        self._abort: threading.Timer | None = None
+        self.taken = 0
+        """Spans handed to ``export`` so far (the batch queue's outflow)."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.taken += len(spans)
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._drops.drop(len(spans), "shutting down, no time left to export")
+            return SpanExportResult.FAILURE
+        try:
+            result = self._inner.export(spans)
+        except Exception as exc:  # an exporter bug must not kill the export thread
+            self._drops.drop(len(spans), f"export raised {type(exc).__name__}: {exc}")
+            return SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._drops.drop(len(spans), "the OTLP endpoint did not accept them")
+        return result
+
+    def begin_shutdown(self, budget_s: float) -> None:
+        """From now on, exports may only use ``budget_s``; then in-flight retries are cut."""
+        self._deadline = time.monotonic() + budget_s
+        self._abort = threading.Timer(budget_s, self._inner.shutdown)
+        self._abort.daemon = True
+        self._abort.start()
+
+    def shutdown(self) -> None:
+        if self._abort is not None:
+            self._abort.cancel()
+            if self._abort.finished.is_set():
+                return  # the timer already shut the inner exporter down
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class ExportProcessor(SpanProcessor):
+    """A BatchSpanProcessor whose queue overflow and export failures are counted."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        metrics: Metrics,
+        *,
+        max_queue_size: int = QUEUE_SIZE,
+        max_export_batch_size: int = BATCH_SIZE,
+        schedule_delay_millis: float = SCHEDULE_DELAY_MS,
+        shutdown_budget_s: float = SHUTDOWN_BUDGET_S,
+    ) -> None:
+        self._drops = DropCounter(metrics)
+        self._exporter = GuardedExporter(exporter, self._drops)
+        self._batch = BatchSpanProcessor(
+            self._exporter,
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=schedule_delay_millis,
+            max_export_batch_size=min(max_export_batch_size, max_queue_size),
+        )
+        self._max_queue = max_queue_size
+        self._shutdown_budget_s = shutdown_budget_s
+        self._emitted = 0
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._batch.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is None or not span.context.trace_flags.sampled:
+            return
+        with self._lock:
+            queued = self._emitted - self._exporter.taken
+            if queued >= self._max_queue:
+                # The batch queue is full: appending pushes out its oldest span.
+                self._drops.drop(1, "the export queue is full (the endpoint is slow or down)")
+            else:
+                self._emitted += 1
+        self._batch.on_end(span)
+
+    def shutdown(self) -> None:
+        self._exporter.begin_shutdown(self._shutdown_budget_s)
+        self._batch.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batch.force_flush(timeout_millis)
+
+
+def build_tracer_provider(
+    config: TracingConfig,
+    metrics: Metrics,
+    extra_processors: Sequence[SpanProcessor] = (),
+) -> TracerProvider:
+    """The app's provider: OTLP export unless ``exporter: none``, plus any extra processors.
+
+    With no exporting processor the spans are still real (trace ids for errors and
+    ``traceresponse``); the local journal keeps the calls either way.
+    """
+    provider = TracerProvider(resource=build_resource(config))
+    if config.exporter == "otlp":
+        provider.add_span_processor(ExportProcessor(otlp_exporter(config), metrics))
+    for processor in extra_processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def describe_exporter(config: TracingConfig) -> str:
+    """One line for ``handrail serve``: where the spans go."""
+    if config.exporter == "none":
+        return "none (local journal only)"
+    protocol = _protocol(config)
+    if config.endpoint:
+        endpoint = (
+            http_traces_endpoint(config.endpoint) if protocol == "http/protobuf" else config.endpoint
+        )
+    else:
+        endpoint = (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or "the OTEL_EXPORTER_OTLP_* default"
+        )
+    return f"otlp {protocol} {endpoint} (project {project_name(config)})"

@@ -1,0 +1,538 @@
+"""The store's contract, run against every backend: SQLite files and the local PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+
+from proxy.call import ClaimState, RunCounters, StoredResponse
+from proxy.config import StoreConfig
+from proxy.errors import StoreUnavailable
+from proxy.store import purge_loop, store_from_config
+from proxy.store.base import Store
+from proxy.store.postgres import PostgresStore
+from proxy.store.sqlite import SqliteStore
+
+T = TypeVar("T")
+PG_URL = os.environ.get("HANDRAIL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+LEASE = 30.0
+TTL = 600.0
+OK = StoredResponse(
+    status=201,
+    headers=(("content-type", "application/json"), ("x-thing", "a"), ("x-thing", "b")),
+    body=b'{"id": 42, "bytes": "\\u00e9"}\x00\xff',
+)
+
+
+def _dsn(schema: str) -> str:
+    return f"{PG_URL}?search_path={schema}"
+
+
+async def _pg_execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _run_aside(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a loop of its own (sync fixtures, inside a test's loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class PgSchemas:
+    """Fresh schemas on the local server, all dropped when the module is done."""
+
+    def __init__(self) -> None:
+        self.prefix = f"handrail_store_{uuid.uuid4().hex[:10]}"
+        self.created: list[str] = []
+
+    async def new(self) -> str:
+        schema = f"{self.prefix}_{len(self.created)}"
+        await _pg_execute(PG_URL, f"CREATE SCHEMA {schema}")
+        self.created.append(schema)
+        return _dsn(schema)
+
+
+@pytest.fixture(scope="module")
+def pg_schemas() -> Iterator[PgSchemas]:
+    schemas = PgSchemas()
+    try:
+        _run_aside(_pg_execute(PG_URL, "SELECT 1"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        message = f"PostgreSQL at {PG_URL} is not reachable: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield schemas
+
+    async def drop() -> None:
+        for schema in schemas.created:
+            await _pg_execute(PG_URL, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+    _run_aside(drop())
+
+
+@pytest.fixture(scope="module")
+def pg_dsn(pg_schemas: PgSchemas) -> str:
+    """One schema for the module's tests (each test uses its own keys and run ids)."""
+    return _run_aside(pg_schemas.new())
+
+
+class Backend:
+    """Opens stores of one kind; ``fresh()`` gives a location no other test has touched."""
+
+    def __init__(self, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.name = name
+        self.tmp_path = tmp_path
+        self.request = request
+        self.opened: list[Store] = []
+        self.default = str(tmp_path / "handrail.db") if name == "sqlite" else self._pg("pg_dsn")
+
+    def _pg(self, fixture: str) -> Any:
+        return self.request.getfixturevalue(fixture)
+
+    async def fresh(self) -> str:
+        if self.name == "sqlite":
+            return str(self.tmp_path / f"fresh-{uuid.uuid4().hex}" / "handrail.db")
+        schemas: PgSchemas = self._pg("pg_schemas")
+        return await schemas.new()
+
+    def build(self, location: str | None = None, **options: Any) -> Store:
+        location = location or self.default
+        if self.name == "sqlite":
+            return SqliteStore(location, **options)
+        return PostgresStore(location, **options)
+
+    async def open(self, location: str | None = None, **options: Any) -> Store:
+        store = self.build(location, **options)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+    async def execute(self, location: str, sql: str) -> None:
+        """Run SQL on a connection of its own, behind the stores' backs."""
+        if self.name == "sqlite":
+            with contextlib.closing(sqlite3.connect(location, isolation_level=None)) as conn:
+                conn.executescript(sql)
+        else:
+            await _pg_execute(location, sql)
+
+    def unreachable(self) -> Store:
+        if self.name == "sqlite":
+            blocker = self.tmp_path / "not-a-directory"
+            blocker.write_text("a file where the database's directory should be")
+            return SqliteStore(blocker / "handrail.db")
+        return PostgresStore(
+            f"postgresql://postgres@127.0.0.1:{_closed_port()}/test", timeout_s=2.0
+        )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    backend = Backend(request.param, tmp_path, request)
+    yield backend
+    for store in backend.opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> Store:
+    return await backend.open()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _key() -> str:
+    return f"key-{uuid.uuid4().hex}"
+
+
+async def _claim(store: Store, key: str, fingerprint: str = "fp-1", **times: float) -> Any:
+    return await store.claim(
+        "crm",
+        key,
+        fingerprint,
+        lease_s=times.get("lease_s", LEASE),
+        ttl_s=times.get("ttl_s", TTL),
+    )
+
+
+# Claims
+
+
+async def test_first_claim_owns_the_key(store: Store) -> None:
+    claim = await _claim(store, _key())
+    assert claim.state is ClaimState.OWNED
+    assert claim.owner
+    assert claim.response is None
+
+
+async def test_same_key_on_another_tool_is_a_separate_record(store: Store) -> None:
+    key = _key()
+    await _claim(store, key)
+    other = await store.claim("billing", key, "fp-1", lease_s=LEASE, ttl_s=TTL)
+    assert other.state is ClaimState.OWNED
+
+
+async def test_storm_of_identical_claims_gives_exactly_one_owner(store: Store) -> None:
+    key = _key()
+    claims = await asyncio.gather(*(_claim(store, key) for _ in range(50)))
+    states = [c.state for c in claims]
+    assert states.count(ClaimState.OWNED) == 1
+    assert states.count(ClaimState.IN_FLIGHT) == 49
+
+
+async def test_two_replicas_racing_give_exactly_one_owner(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    key = _key()
+    claims = await asyncio.gather(*(_claim(s, key) for _ in range(25) for s in (first, second)))
+    states = [c.state for c in claims]
+    assert states.count(ClaimState.OWNED) == 1
+    assert states.count(ClaimState.IN_FLIGHT) == 49
+
+
+async def test_completed_key_replays_the_stored_response(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    await store.complete("crm", key, claim.owner, OK)
+    again = await _claim(store, key)
+    assert again.state is ClaimState.COMPLETED
+    assert again.response == OK
+
+
+async def test_incomplete_response_round_trips_as_not_replayable(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    too_large = StoredResponse(200, (("content-type", "text/plain"),), b"", complete=False)
+    await store.complete("crm", key, claim.owner, too_large)
+    again = await _claim(store, key)
+    assert again.state is ClaimState.COMPLETED
+    assert again.response == too_large
+    assert again.response is not None and again.response.complete is False
+
+
+async def test_other_payload_is_a_mismatch_while_in_flight(store: Store) -> None:
+    key = _key()
+    await _claim(store, key, "fp-1")
+    assert (await _claim(store, key, "fp-2")).state is ClaimState.MISMATCH
+
+
+async def test_other_payload_is_a_mismatch_after_completion(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key, "fp-1")
+    await store.complete("crm", key, claim.owner, OK)
+    mismatch = await _claim(store, key, "fp-2")
+    assert mismatch.state is ClaimState.MISMATCH
+    assert mismatch.response is None
+
+
+async def test_released_key_is_owned_by_the_next_claim(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    await store.release("crm", key, claim.owner)
+    again = await _claim(store, key)
+    assert again.state is ClaimState.OWNED
+    assert again.owner != claim.owner
+
+
+async def test_expired_lease_is_taken_over_by_a_new_owner(store: Store) -> None:
+    key = _key()
+    crashed = await _claim(store, key, lease_s=0.2)
+    assert (await _claim(store, key, lease_s=0.2)).state is ClaimState.IN_FLIGHT
+    await asyncio.sleep(0.3)
+    taken = await _claim(store, key)
+    assert taken.state is ClaimState.OWNED
+    assert taken.owner != crashed.owner
+
+
+async def test_old_owner_cannot_complete_a_taken_over_key(store: Store) -> None:
+    key = _key()
+    crashed = await _claim(store, key, lease_s=0.2)
+    await asyncio.sleep(0.3)
+    taken = await _claim(store, key)
+    await store.complete("crm", key, crashed.owner, StoredResponse(200, (), b"stale"))
+    assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
+    await store.complete("crm", key, taken.owner, OK)
+    assert (await _claim(store, key)).response == OK
+
+
+async def test_old_owner_cannot_release_a_taken_over_key(store: Store) -> None:
+    key = _key()
+    crashed = await _claim(store, key, lease_s=0.2)
+    await asyncio.sleep(0.3)
+    await _claim(store, key)
+    await store.release("crm", key, crashed.owner)
+    assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
+
+
+async def test_owner_cannot_complete_a_key_twice(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    await store.complete("crm", key, claim.owner, OK)
+    await store.complete("crm", key, claim.owner, StoredResponse(500, (), b"late"))
+    await store.release("crm", key, claim.owner)
+    assert (await _claim(store, key)).response == OK
+
+
+async def test_expired_record_is_claimed_afresh(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key, lease_s=0.1, ttl_s=0.2)
+    await store.complete("crm", key, claim.owner, OK)
+    assert (await _claim(store, key)).state is ClaimState.COMPLETED
+    await asyncio.sleep(0.3)
+    again = await _claim(store, key, "fp-other")
+    assert again.state is ClaimState.OWNED
+
+
+async def test_purge_deletes_expired_records_only(store: Store) -> None:
+    expiring, kept = _key(), _key()
+    claim = await _claim(store, expiring, lease_s=0.1, ttl_s=0.2)
+    await store.complete("crm", expiring, claim.owner, OK)
+    claim = await _claim(store, kept)
+    await store.complete("crm", kept, claim.owner, OK)
+    await asyncio.sleep(0.3)
+    assert await store.purge_expired() >= 1
+    assert await store.purge_expired() == 0
+    assert (await _claim(store, kept)).response == OK
+
+
+async def test_purge_loop_purges_in_the_background(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key, lease_s=0.1, ttl_s=0.1)
+    await store.complete("crm", key, claim.owner, OK)
+    await asyncio.sleep(0.2)
+    task = asyncio.create_task(purge_loop(store, interval_s=0.05))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert await store.purge_expired() == 0
+
+
+# Run counters
+
+
+async def test_unknown_run_has_zero_counters(store: Store) -> None:
+    assert await store.run_counters(f"run-{uuid.uuid4()}", "fp") == RunCounters()
+
+
+async def test_count_call_adds_calls_writes_and_denied(store: Store) -> None:
+    run = f"run-{uuid.uuid4()}"
+    await store.count_call(run, "a", write=True, denied=False)
+    await store.count_call(run, "b", write=False, denied=True)
+    await store.count_call(run, "c", write=False, denied=False)
+    counters = await store.run_counters(run, "d")
+    assert counters == RunCounters(calls=3, writes=1, denied=1, repeats=0)
+
+
+async def test_repeats_count_earlier_identical_calls_in_the_same_run_only(store: Store) -> None:
+    run, other_run = f"run-{uuid.uuid4()}", f"run-{uuid.uuid4()}"
+    for _ in range(3):
+        await store.count_call(run, "same", write=True, denied=False)
+    await store.count_call(run, "different", write=True, denied=False)
+    await store.count_call(other_run, "same", write=True, denied=False)
+    assert (await store.run_counters(run, "same")).repeats == 3
+    assert (await store.run_counters(run, "different")).repeats == 1
+    assert (await store.run_counters(other_run, "same")).repeats == 1
+    assert (await store.run_counters(run, "new")).repeats == 0
+
+
+async def test_concurrent_count_calls_lose_no_update(store: Store) -> None:
+    run = f"run-{uuid.uuid4()}"
+    await asyncio.gather(
+        *(store.count_call(run, "same", write=True, denied=False) for _ in range(40))
+    )
+    assert await store.run_counters(run, "same") == RunCounters(40, 40, 0, 40)
+
+
+async def test_idle_runs_are_purged(backend: Backend) -> None:
+    store = await backend.open(run_ttl_s=0.2)
+    run = f"run-{uuid.uuid4()}"
+    await store.count_call(run, "same", write=True, denied=False)
+    await asyncio.sleep(0.3)
+    await store.purge_expired()
+    assert await store.run_counters(run, "same") == RunCounters()
+
+
+# Durability and schema
+
+
+async def test_records_and_counters_survive_a_restart(backend: Backend) -> None:
+    store = await backend.open()
+    key, run = _key(), f"run-{uuid.uuid4()}"
+    claim = await _claim(store, key)
+    await store.complete("crm", key, claim.owner, OK)
+    await store.count_call(run, "same", write=True, denied=False)
+    await store.close()
+
+    restarted = await backend.open()
+    assert (await _claim(restarted, key)).response == OK
+    assert await restarted.run_counters(run, "same") == RunCounters(1, 1, 0, 1)
+
+
+async def test_schema_version_is_recorded_beside_other_components(backend: Backend) -> None:
+    location = await backend.fresh()
+    store = await backend.open(location)
+    await backend.execute(
+        location, "INSERT INTO handrail_schema (component, version) VALUES ('journal', 7)"
+    )
+    await store.close()
+    await backend.open(location)
+    rows = await _schema_rows(backend, location)
+    assert rows == {"journal": 7, "store": 1}
+
+
+async def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
+    location = await backend.fresh()
+    stores = await asyncio.gather(*(backend.open(location) for _ in range(3)))
+    assert (await _claim(stores[0], "k")).state is ClaimState.OWNED
+    assert (await _claim(stores[2], "k")).state is ClaimState.IN_FLIGHT
+    assert await _schema_rows(backend, location) == {"store": 1}
+
+
+async def _schema_rows(backend: Backend, location: str) -> dict[str, int]:
+    if backend.name == "sqlite":
+        with contextlib.closing(sqlite3.connect(location)) as conn:
+            return dict(conn.execute("SELECT component, version FROM handrail_schema"))
+    conn = await asyncpg.connect(location)
+    try:
+        return dict(await conn.fetch("SELECT component, version FROM handrail_schema"))
+    finally:
+        await conn.close()
+
+
+# Failing closed
+
+
+def _every_method(store: Store) -> list[Callable[[], Awaitable[Any]]]:
+    return [
+        store.ping,
+        lambda: _claim(store, "k"),
+        lambda: store.complete("crm", "k", "owner", OK),
+        lambda: store.release("crm", "k", "owner"),
+        store.purge_expired,
+        lambda: store.run_counters("run", "fp"),
+        lambda: store.count_call("run", "fp", write=True, denied=False),
+    ]
+
+
+async def test_unreachable_store_is_unavailable(backend: Backend) -> None:
+    store = backend.unreachable()
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+
+
+async def test_every_method_fails_closed_on_driver_errors(backend: Backend) -> None:
+    location = await backend.fresh()
+    store = await backend.open(location)
+    await store.ping()
+    await backend.execute(
+        location,
+        "DROP TABLE handrail_schema; DROP TABLE handrail_idempotency; "
+        "DROP TABLE handrail_runs; DROP TABLE handrail_run_calls;",
+    )
+    for method in _every_method(store):
+        with pytest.raises(StoreUnavailable):
+            await method()
+
+
+async def test_closed_store_is_unavailable(store: Store) -> None:
+    await store.close()
+    for method in _every_method(store):
+        with pytest.raises(StoreUnavailable):
+            await method()
+
+
+@pytest.mark.postgres
+async def test_postgres_that_goes_away_is_unavailable(pg_dsn: str) -> None:
+    relay = _Relay()
+    port = await relay.start()
+    store = PostgresStore(pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{port}"), timeout_s=2.0)
+    await store.open()
+    try:
+        await store.ping()
+        await relay.stop()
+        for method in _every_method(store):
+            with pytest.raises(StoreUnavailable):
+                await method()
+    finally:
+        await store.close()
+
+
+class _Relay:
+    """A TCP relay in front of PostgreSQL that can be pulled out, connections and all."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+# The factory
+
+
+async def test_relative_sqlite_url_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = store_from_config(StoreConfig(url="sqlite:///state/nested/handrail.db"))
+    await store.open()
+    await store.close()
+    assert (tmp_path / "state" / "nested" / "handrail.db").is_file()
+
+
+async def test_absolute_sqlite_url_is_absolute(tmp_path: Path) -> None:
+    store = store_from_config(StoreConfig(url=f"sqlite:///{tmp_path}/abs/handrail.db"))
+    await store.open()
+    await store.close()
+    assert (tmp_path / "abs" / "handrail.db").is_file()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_postgres_urls_build_the_postgres_store(scheme: str) -> None:
+    store = store_from_config(StoreConfig(url=f"{scheme}://user@db.internal/handrail"))
+    assert isinstance(store, PostgresStore)
