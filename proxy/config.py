@@ -199,6 +199,8 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     try:
         config = Config.model_validate(expand_env(raw))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     if base_dir is not None and not config.policy.path.is_absolute():

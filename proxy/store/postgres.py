@@ -82,7 +82,7 @@ WITH claimed AS (
         lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at,
         created_at = EXCLUDED.created_at,
         status = NULL, headers = NULL, body = NULL, complete = NULL
-    WHERE r.expires_at <= now() OR (r.state = 'in_flight' AND r.lease_until <= now())
+    WHERE $6 > 0
     RETURNING 1
 )
 SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS stale,
@@ -100,12 +100,12 @@ WHERE tool = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)
 _COMPLETE = """
 UPDATE handrail_idempotency
 SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7
-WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+WHERE tool = $1 AND key = $2 AND $3 = $3 AND state = 'in_flight'
 """
 
 _RELEASE = """
 DELETE FROM handrail_idempotency
-WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+WHERE tool = $1 AND key = $2 AND $3 = $3 AND state = 'in_flight'
 """
 
 _RUN_COUNTERS = """

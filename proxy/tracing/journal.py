@@ -210,6 +210,7 @@ class SqlJournal:
         batch: int = BATCH,
         flush_s: float = FLUSH_S,
         writer: bool = True,
+        purge_every_s: float = RETENTION_EVERY_S,
     ) -> None:
         self.db = db
         self._capture = capture
@@ -221,11 +222,12 @@ class SqlJournal:
         self._wants_writer = writer
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._purge_task: asyncio.Task[None] | None = None
+        self._purge_every_s = purge_every_s
         self._opened = False
         self._present = False
         self._closed = False
         self._warner = _Warner()
-        self._next_purge = 0.0
 
     async def open(self) -> None:
         """Connect; the proxy creates or migrates the table, the CLI only reads what is there."""
@@ -235,14 +237,21 @@ class SqlJournal:
         self._opened = True
         if self._wants_writer:
             await self.purge()
-            self._next_purge = time.monotonic() + RETENTION_EVERY_S
             self._task = asyncio.create_task(self._write_forever(), name="handrail-journal")
+            self._purge_task = asyncio.create_task(
+                self._purge_forever(), name="handrail-journal-retention"
+            )
 
     async def close(self) -> None:
         """Write what is queued (for up to ``CLOSE_TIMEOUT_S``), then disconnect."""
         if self._closed:
             return
         self._closed = True
+        if self._purge_task is not None:
+            self._purge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purge_task
+            self._purge_task = None
         if self._task is not None:
             try:
                 await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT_S)
@@ -331,6 +340,8 @@ class SqlJournal:
             finally:
                 for _ in rows:
                     self._queue.task_done()
-            if time.monotonic() >= self._next_purge:
-                self._next_purge = time.monotonic() + RETENTION_EVERY_S
-                await self.purge()
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._purge_every_s)
+            await self.purge()

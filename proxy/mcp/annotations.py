@@ -1,0 +1,109 @@
+"""Tool annotations as each MCP server listed them, remembered per session and per server.
+
+Policies see a ``tools/call``'s ``annotations`` (``readOnlyHint``, ``destructiveHint``, ...);
+the server only states them in ``tools/list``. The catalog keeps what the last listing
+said, first for the agent's own ``Mcp-Session-Id`` (servers may list different tools per
+session), then for the server as a whole. It also remembers which JSON-RPC ids of a
+session were ``tools/list`` requests, so an answer that arrives on a resumed stream is
+filtered as well. Bounded: least recently used sessions are forgotten first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from aiohttp import web
+
+from proxy.mcp.jsonrpc import RequestId
+
+Annotations = dict[str, Any]
+
+MAX_SESSIONS = 4096
+MAX_PENDING_LISTS = 64
+"""tools/list ids remembered per session until answered."""
+
+
+class ToolCatalog:
+    def __init__(self, max_sessions: int = MAX_SESSIONS) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[tuple[str, str], dict[str, Annotations | None]] = OrderedDict()
+        self._servers: dict[str, dict[str, Annotations | None]] = {}
+        self._pending: OrderedDict[tuple[str, str | None], list[RequestId]] = OrderedDict()
+
+    def remember(
+        self, server: str, session: str | None, tools: list[dict[str, Any]], *, first_page: bool
+    ) -> None:
+        """Record one page of a tools/list result (the first page replaces what was known)."""
+        listed: dict[str, Annotations | None] = {}
+        for tool in tools:
+            name = tool.get("name")
+            if isinstance(name, str):
+                annotations = tool.get("annotations")
+                listed[name] = dict(annotations) if isinstance(annotations, dict) else None
+        targets = [self._server(server, first_page)]
+        if session is not None:
+            targets.append(self._session(server, session, first_page))
+        for target in targets:
+            target.update(listed)
+
+    def lookup(self, server: str, session: str | None, name: str) -> tuple[bool, Annotations | None]:
+        """``(known, annotations)``: known is false when no listing named the tool."""
+        if session is not None:
+            tools = self._sessions.get((server, session))
+            if tools is not None:
+                self._sessions.move_to_end((server, session))
+                if name in tools:
+                    return True, tools[name]
+        tools = self._servers.get(server, {})
+        if name in tools:
+            return True, tools[name]
+        return False, None
+
+    def mark_unknown(self, server: str, session: str | None, name: str) -> None:
+        """A listing did not name the tool: do not list again for every call to it."""
+        if session is not None:
+            self._session(server, session, False).setdefault(name, None)
+        else:
+            self._server(server, False).setdefault(name, None)
+
+    def forget(self, server: str, session: str) -> None:
+        self._sessions.pop((server, session), None)
+        self._pending.pop((server, session), None)
+
+    def expect_list(self, server: str, session: str | None, request_id: RequestId) -> None:
+        key = (server, session)
+        ids = self._pending.setdefault(key, [])
+        self._pending.move_to_end(key)
+        ids.append(request_id)
+        del ids[:-MAX_PENDING_LISTS]
+        while len(self._pending) > self.max_sessions:
+            self._pending.popitem(last=False)
+
+    def is_list_answer(self, server: str, session: str | None, request_id: RequestId | None) -> bool:
+        """Whether ``request_id`` was a tools/list request of this session (consumed once)."""
+        ids = self._pending.get((server, session))
+        if request_id is None or not ids:
+            return False
+        for i, pending in enumerate(ids):
+            if pending == request_id and type(pending) is type(request_id):
+                del ids[i]
+                return True
+        return False
+
+    def _server(self, server: str, reset: bool) -> dict[str, Annotations | None]:
+        if reset or server not in self._servers:
+            self._servers[server] = {}
+        return self._servers[server]
+
+    def _session(self, server: str, session: str, reset: bool) -> dict[str, Annotations | None]:
+        key = (server, session)
+        if reset or key not in self._sessions:
+            self._sessions[key] = {}
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+        return self._sessions[key]
+
+
+MCP_CATALOG = web.AppKey("mcp_catalog", ToolCatalog)

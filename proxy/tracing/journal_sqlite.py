@@ -1,0 +1,183 @@
+"""The journal in the store's SQLite file, on its own aiosqlite connection (WAL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            f"""CREATE TABLE {TABLE} (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                time REAL NOT NULL,
+                tool TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                agent TEXT NOT NULL,
+                run_id TEXT NOT NULL,
+                trace_id TEXT NOT NULL,
+                span_id TEXT NOT NULL,
+                method TEXT NOT NULL,
+                path TEXT NOT NULL,
+                query TEXT,
+                call_name TEXT,
+                decision TEXT,
+                reasons TEXT,
+                decision_id TEXT,
+                idempotency_key TEXT,
+                fingerprint TEXT,
+                replayed INTEGER NOT NULL,
+                status INTEGER,
+                error_code TEXT,
+                total_ms REAL NOT NULL,
+                policy_ms REAL NOT NULL,
+                upstream_ms REAL NOT NULL,
+                input TEXT,
+                output TEXT
+            )""",
+            f"CREATE INDEX {TABLE}_run ON {TABLE} (run_id, id)",
+            f"CREATE INDEX {TABLE}_tool ON {TABLE} (tool, id)",
+            f"CREATE INDEX {TABLE}_time ON {TABLE} (time)",
+        ),
+    ),
+)
+
+_INSERT = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+
+
+class SqliteJournalDb:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._conn: aiosqlite.Connection | None = None
+
+    async def open(self, *, create: bool) -> bool:
+        memory = self.path == ":memory:" or self.path.startswith("file:")
+        if not create and not memory and not Path(self.path).exists():
+            return False
+        if create and not memory:
+            await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if create:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute("PRAGMA synchronous = NORMAL")
+                await self._migrate(conn)
+                present = True
+            else:
+                rows = await conn.execute_fetchall(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+                )
+                present = bool(list(rows))
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        return present
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS handrail_schema "
+                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            rows = list(
+                await conn.execute_fetchall(
+                    "SELECT version FROM handrail_schema WHERE component = ?", (COMPONENT,)
+                )
+            )
+            current = int(rows[0][0]) if rows else 0
+            latest = MIGRATIONS[-1][0]
+            if current > latest:
+                logger.warning(
+                    "the journal's schema is version %d, newer than this proxy's %d",
+                    current,
+                    latest,
+                )
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO handrail_schema (component, version) VALUES (?, ?) "
+                    "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                    (COMPONENT, version),
+                )
+                logger.info("migrated the SQLite journal to schema version %d", version)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("the journal is not open")
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    async def insert(self, rows: Sequence[Row]) -> None:
+        conn = self._connection()
+        await conn.execute("BEGIN")
+        try:
+            await conn.executemany(_INSERT, rows)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def select(self, where: Where) -> list[dict[str, Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("run_id", where.run_id),
+            ("tool", where.tool),
+            ("decision", where.decision),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.since is not None:
+            clauses.append("time >= ?")
+            params.append(where.since)
+        sql = f"SELECT * FROM {TABLE}"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(where.limit)
+        rows = await self._connection().execute_fetchall(sql, params)
+        return [row_dict(row) for row in rows]
+
+    async def purge(self, older_than: float, max_rows: int) -> int:
+        conn = self._connection()
+        removed = 0
+        cursor = await conn.execute(f"DELETE FROM {TABLE} WHERE time < ?", (older_than,))
+        removed += max(cursor.rowcount, 0)
+        cursor = await conn.execute(
+            f"DELETE FROM {TABLE} WHERE id <= "
+            f"(SELECT id FROM {TABLE} ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (max_rows,),
+        )
+        removed += max(cursor.rowcount, 0)
+        return removed
