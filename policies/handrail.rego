@@ -69,7 +69,7 @@ _mcp if is_object(input.call)
 # "crm" for plain HTTP, "crm.update_contact" for an MCP tools/call.
 _call_name := input.tool.name if not _mcp
 
-_call_name := concat(".", [input.tool.name, input.call.name]) if _mcp
+_call_name := sprintf("%s.%s", [input.tool.name, input.call.name]) if _mcp
 
 # The payload the tool acts on: the MCP arguments, or the HTTP JSON body.
 _payload := input.call.arguments if _mcp
@@ -181,17 +181,20 @@ _strings contains [path, value] if {
 
 _field(path) := "(whole body)" if count(path) == 0
 
-_field(path) := concat(".", [sprintf("%v", [p]) | some p in path]) if count(path) > 0
+# The top-level argument (or body field) holding the value.
+_field(path) := sprintf("%v", [path[0]]) if count(path) > 0
 
 violations contains msg if {
-	some [path, value] in _strings
+	some entry in _strings
+	[path, value] := entry
 	some kind, pattern in _secret_patterns
 	regex.match(pattern, value)
 	msg := sprintf("argument %s looks like %s; secrets must not be sent to tools", [_field(path), kind])
 }
 
 violations contains msg if {
-	some [path, value] in _strings
+	some entry in _strings
+	[path, value] := entry
 	some candidate in regex.find_n(`[0-9](?:[ -]?[0-9]){12,18}`, value, -1)
 	_luhn_valid(regex.replace(candidate, `[^0-9]`, ""))
 	msg := sprintf("argument %s looks like a payment card number", [_field(path)])

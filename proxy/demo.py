@@ -55,7 +55,10 @@ def _config(tool_url: str, directory: Path) -> dict[str, Any]:
     return {
         "listen": {"port": 0},
         "admin": {"port": 0},
-        "tools": {"crm": {"upstream": tool_url, "idempotency": {"mode": "attach"}}},
+        "tools": {
+            "crm": {"upstream": tool_url, "idempotency": {"mode": "attach"}},
+            "payments": {"upstream": tool_url, "idempotency": {"mode": "attach"}},
+        },
         "policy": {"path": str(_policies()), "watch": False},
         "store": {"url": f"sqlite:///{(directory / 'handrail.db').resolve()}"},
         "tracing": {"exporter": "none"},
@@ -110,40 +113,41 @@ async def _demo(out: TextIO) -> int:
     await admin_runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     await web.TCPSite(admin_runner, "127.0.0.1", 0).start()
-    proxy = "http://127.0.0.1:%d/tools/crm" % runner.addresses[0][1]
+    proxy = "http://127.0.0.1:%d/tools/" % runner.addresses[0][1]
     run_id = "demo-" + secrets.token_hex(3)
     agent = {"X-Agent-Id": "demo-agent", "X-Run-Id": run_id}
     p = lambda line="": print(line, file=out, flush=True)  # noqa: E731
 
-    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}, policies from {config.policy.path}")
+    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}{{crm,payments}}, policies from {config.policy.path}")
     p(f"The agent 'demo-agent' runs '{run_id}'; every call goes through the proxy.\n")
     ok = True
     async with aiohttp.ClientSession(headers=agent) as http:
         async def call(title: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
             async with http.request(method, proxy + path, json=body, headers=headers) as resp:
                 data = await resp.json()
-                p(f"{title}\n  {method} /tools/crm{path} -> {resp.status}"
+                p(f"{title}\n  {method} /tools/{path} -> {resp.status}"
                   + (" (Idempotent-Replayed)" if resp.headers.get("Idempotent-Replayed") else ""))
                 return resp.status, data, resp
 
-        status, data, _ = await call("1. Read: allowed by policy", "GET", "/contacts")
+        status, data, _ = await call("1. Read: allowed by policy", "GET", "crm/contacts")
         ok &= status == 200
-        status, data, resp = await call("2. Write: allowed, an idempotency key is attached", "POST", "/contacts", {"name": "Ada Lovelace", "email": "ada@example.com"})
+        status, data, resp = await call("2. Write: allowed, an idempotency key is attached", "POST", "crm/contacts", {"name": "Ada Lovelace", "email": "ada@example.com"})
         ok &= status == 201
         p(f"  the tool created {data.get('id')}")
-        status, data, resp = await call("3. The agent blindly retries the same write (its keys reordered)", "POST", "/contacts", {"email": "ada@example.com", "name": "Ada Lovelace"})
+        status, data, resp = await call("3. The agent blindly retries the same write (its keys reordered)", "POST", "crm/contacts", {"email": "ada@example.com", "name": "Ada Lovelace"})
         ok &= status == 201 and resp.headers.get("Idempotent-Replayed") == "true"
         p(f"  replayed from the store: the tool ran create_contact {ran['create_contact']} time(s)")
         replay_trace = int(resp.headers["traceresponse"].split("-")[1], 16)
-        status, data, _ = await call("4. Write with a secret in its arguments: denied with reasons", "POST", "/contacts", {"name": "Eve", "note": "use key sk-live-4eC39HqLyjWDarjtT1zdp7dc"})
+        status, data, _ = await call("4. Write with a secret in its arguments: denied with reasons", "POST", "crm/contacts", {"name": "Eve", "note": "use key sk-live-4eC39HqLyjWDarjtT1zdp7dc"})
         ok &= status == 403
         error = data.get("error", {})
         for reason in error.get("reasons", []):
             p(f"  reason: {reason}")
         p(f"  (the tool was not called; decision {error.get('decision_id')})")
-        status, data, _ = await call("5. A refund over the limit: the policy asks for a human", "POST", "/refunds", {"amount": 5000, "order": "o-1"})
+        status, data, _ = await call("5. A refund over the approval limit: the policy asks for a human", "POST", "payments/refunds", {"amount": 500, "order": "o-1"})
         error = data.get("error", {})
         p(f"  {error.get('code')}: {error.get('message')}")
+        ok &= status == 403 and bool(error.get("require_approval"))
         ok &= ran["refund"] == 0 and ran["create_contact"] == 1
 
     deps = app[DEPS]
@@ -153,7 +157,7 @@ async def _demo(out: TextIO) -> int:
     rows = await deps.journal.query(CallQuery(run_id=run_id, limit=20))
     p(f"\nThe journal recorded {len(rows)} calls for run {run_id}:")
     for row in reversed(rows):
-        p(f"  {row.get('method', ''):6} {row.get('path', ''):12} decision={row.get('decision')} status={row.get('status')} replayed={row.get('replayed')}")
+        p(f"  {row.get('method', ''):6} {row.get('tool', '') + row.get('path', ''):20} decision={row.get('decision')} status={row.get('status')} replayed={row.get('replayed')}")
     p(f"\nThe trace of the replayed retry ({replay_trace:032x}):")
     for line in _tree(list(exporter.get_finished_spans()), replay_trace):
         p(line)

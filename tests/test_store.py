@@ -255,9 +255,9 @@ async def test_released_key_is_owned_by_the_next_claim(store: Store) -> None:
 
 async def test_expired_lease_is_taken_over_by_a_new_owner(store: Store) -> None:
     key = _key()
-    crashed = await _claim(store, key, lease_s=0.2)
-    assert (await _claim(store, key, lease_s=0.2)).state is ClaimState.IN_FLIGHT
-    await asyncio.sleep(0.3)
+    crashed = await _claim(store, key, lease_s=0.5)
+    assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
+    await asyncio.sleep(0.6)
     taken = await _claim(store, key)
     assert taken.state is ClaimState.OWNED
     assert taken.owner != crashed.owner
@@ -294,10 +294,10 @@ async def test_owner_cannot_complete_a_key_twice(store: Store) -> None:
 
 async def test_expired_record_is_claimed_afresh(store: Store) -> None:
     key = _key()
-    claim = await _claim(store, key, lease_s=0.1, ttl_s=0.2)
+    claim = await _claim(store, key, lease_s=0.1, ttl_s=0.5)
     await store.complete("crm", key, claim.owner, OK)
     assert (await _claim(store, key)).state is ClaimState.COMPLETED
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.6)
     again = await _claim(store, key, "fp-other")
     assert again.state is ClaimState.OWNED
 

@@ -31,19 +31,17 @@ class ToolCatalog:
         self._servers: dict[str, dict[str, Annotations | None]] = {}
         self._pending: OrderedDict[tuple[str, str | None], list[RequestId]] = OrderedDict()
 
-    def remember(
-        self, server: str, session: str | None, tools: list[dict[str, Any]], *, first_page: bool
-    ) -> None:
-        """Record one page of a tools/list result (the first page replaces what was known)."""
+    def remember(self, server: str, session: str | None, tools: list[dict[str, Any]]) -> None:
+        """Record one page of a tools/list result (pages add up; a later listing overrides)."""
         listed: dict[str, Annotations | None] = {}
         for tool in tools:
             name = tool.get("name")
             if isinstance(name, str):
                 annotations = tool.get("annotations")
                 listed[name] = dict(annotations) if isinstance(annotations, dict) else None
-        targets = [self._server(server, first_page)]
+        targets = [self._server(server)]
         if session is not None:
-            targets.append(self._session(server, session, first_page))
+            targets.append(self._session(server, session))
         for target in targets:
             target.update(listed)
 
@@ -63,9 +61,9 @@ class ToolCatalog:
     def mark_unknown(self, server: str, session: str | None, name: str) -> None:
         """A listing did not name the tool: do not list again for every call to it."""
         if session is not None:
-            self._session(server, session, False).setdefault(name, None)
+            self._session(server, session).setdefault(name, None)
         else:
-            self._server(server, False).setdefault(name, None)
+            self._server(server).setdefault(name, None)
 
     def forget(self, server: str, session: str) -> None:
         self._sessions.pop((server, session), None)
@@ -91,14 +89,12 @@ class ToolCatalog:
                 return True
         return False
 
-    def _server(self, server: str, reset: bool) -> dict[str, Annotations | None]:
-        if reset or server not in self._servers:
-            self._servers[server] = {}
-        return self._servers[server]
+    def _server(self, server: str) -> dict[str, Annotations | None]:
+        return self._servers.setdefault(server, {})
 
-    def _session(self, server: str, session: str, reset: bool) -> dict[str, Annotations | None]:
+    def _session(self, server: str, session: str) -> dict[str, Annotations | None]:
         key = (server, session)
-        if reset or key not in self._sessions:
+        if key not in self._sessions:
             self._sessions[key] = {}
         self._sessions.move_to_end(key)
         while len(self._sessions) > self.max_sessions:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import regopy
+from regopy import NodeKind
+from regopy import rego_shared as rs
 
 from proxy.call import Decision
 from proxy.errors import ConfigError, PolicyUnavailable
@@ -213,24 +215,100 @@ def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
     )
 
 
-def evaluate(bundle: Any, entrypoint: str, document: dict[str, Any]) -> tuple[bool, Any]:
-    """One evaluation on a fresh interpreter: ``(defined, value)``; failures raise 503."""
+def node_value(node: Any) -> Any:
+    """A regopy result node as a Python value.
+
+    Not ``Output``'s JSON: regopy does not escape quotes or backslashes in the strings it
+    prints, so a reason quoting the input would not parse. Nodes hold the raw strings.
+    """
+    kind = rs.rego_node_type(node)
+    if kind in (NodeKind.Term, NodeKind.Scalar):
+        return node_value(rs.rego_node_get(node, 0))
+    if kind == NodeKind.String:
+        return _string(rs.rego_node_value(node))
+    if kind == NodeKind.Int:
+        return int(rs.rego_node_value(node))
+    if kind == NodeKind.Float:
+        return float(rs.rego_node_value(node))
+    if kind in (NodeKind.Boolean, NodeKind.True_, NodeKind.False_):
+        return rs.rego_node_value(node) == "true" if kind == NodeKind.Boolean else kind == NodeKind.True_
+    if kind == NodeKind.Null:
+        return None
+    size = rs.rego_node_size(node)
+    if kind in (NodeKind.Array, NodeKind.Set):
+        return [node_value(rs.rego_node_get(node, i)) for i in range(size)]
+    if kind == NodeKind.Object:
+        items: dict[Any, Any] = {}
+        for i in range(size):
+            item = rs.rego_node_get(node, i)
+            key = node_value(rs.rego_node_get(item, 0))
+            items[key if isinstance(key, str) else json.dumps(key)] = node_value(
+                rs.rego_node_get(item, 1)
+            )
+        return items
+    raise ValueError(f"unexpected result node {rs.rego_node_type_name(node)}")
+
+
+def _string(raw: str) -> str:
+    """regopy hands some strings (e.g. ``concat``'s) back still JSON-quoted."""
+    if len(raw) >= 2 and raw[0] == '"' and raw[-1] == '"':
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            return raw
+        if isinstance(decoded, str):
+            return decoded
+    return raw
+
+
+def _first_value(output: Any) -> tuple[bool, Any]:
+    root = rs.rego_output_node(output)
+    if rs.rego_node_type(root) != NodeKind.Results or rs.rego_node_size(root) == 0:
+        return False, None
+    result = rs.rego_node_get(root, 0)
+    for i in range(rs.rego_node_size(result)):
+        terms = rs.rego_node_get(result, i)
+        if rs.rego_node_type(terms) == NodeKind.Terms:
+            if rs.rego_node_size(terms) == 0:
+                return False, None
+            return True, node_value(rs.rego_node_get(terms, 0))
+    return False, None
+
+
+def _read_output(interpreter: Any, output: Any) -> tuple[bool, Any]:
     try:
-        interpreter = _new_interpreter()
-        interpreter.set_input(document)
-        output = interpreter.query_bundle_entrypoint(bundle, entrypoint)
-        # A failed Output kills the process on str(): check ok() before anything else.
-        if not output.ok():
-            error = regopy.rego_shared.rego_get_error(interpreter._impl)
+        # A failed output kills the process when printed: check ok() before anything else.
+        if not rs.rego_output_ok(output):
+            error = rs.rego_get_error(interpreter._impl)
             raise PolicyUnavailable(f"policy evaluation failed: {describe_rego_error(error, {})}")
-        results = output.results
+        return _first_value(output)
     except PolicyUnavailable:
         raise
     except Exception as exc:
         raise PolicyUnavailable(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
-    if not results or not results[0].expressions:
-        return False, None
-    return True, results[0].expressions[0]
+    finally:
+        rs.rego_free_output(output)
+
+
+def first_query_value(interpreter: Any, query: str) -> tuple[bool, Any]:
+    """Run an ad-hoc query (re-parses the modules: for tests and tools, not per call)."""
+    try:
+        output = rs.rego_query(interpreter._impl, query)
+    except Exception as exc:
+        error = describe_rego_error(str(exc), {})
+        raise PolicyUnavailable(f"policy evaluation failed: {error}") from None
+    return _read_output(interpreter, output)
+
+
+def evaluate(bundle: Any, entrypoint: str, document: Any) -> tuple[bool, Any]:
+    """One evaluation on a fresh interpreter: ``(defined, value)``; failures raise 503."""
+    try:
+        interpreter = _new_interpreter()
+        interpreter.set_input(document)
+        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
+    except Exception as exc:
+        raise PolicyUnavailable(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
+    return _read_output(interpreter, output)
 
 
 def _snapshot(root: Path) -> tuple[tuple[str, int, int], ...]:

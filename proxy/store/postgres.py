@@ -82,7 +82,7 @@ WITH claimed AS (
         lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at,
         created_at = EXCLUDED.created_at,
         status = NULL, headers = NULL, body = NULL, complete = NULL
-    WHERE $6 > 0
+    WHERE r.expires_at <= now() OR (r.state = 'in_flight' AND r.lease_until <= now())
     RETURNING 1
 )
 SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS stale,
@@ -100,12 +100,12 @@ WHERE tool = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)
 _COMPLETE = """
 UPDATE handrail_idempotency
 SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7
-WHERE tool = $1 AND key = $2 AND $3 = $3 AND state = 'in_flight'
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
 """
 
 _RELEASE = """
 DELETE FROM handrail_idempotency
-WHERE tool = $1 AND key = $2 AND $3 = $3 AND state = 'in_flight'
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
 """
 
 _RUN_COUNTERS = """
@@ -188,6 +188,12 @@ def _affected(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+async def _keep_session(conn: Any) -> None:
+    """No reset query when a connection goes back to the pool: it saves a round trip per
+    operation, and the store leaves no session state behind (no SET, LISTEN or session locks);
+    asyncpg still rolls back a transaction left open."""
+
+
 class PostgresStore:
     """The shared store: every replica pointed at one database gives the same guarantees."""
 
@@ -221,6 +227,7 @@ class PostgresStore:
                 command_timeout=self.timeout_s,
                 timeout=self.timeout_s,
                 max_inactive_connection_lifetime=300.0,
+                reset=_keep_session,
             )
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"cannot connect to the PostgreSQL store: {exc}") from exc

@@ -111,7 +111,7 @@ def captured(call: Call, capture: CaptureConfig) -> tuple[str | None, str | None
         redactor = redactor_for(call, capture)
         cached = (_capture_input(call, capture, redactor), _capture_output(call, capture, redactor))
         call.extra[_CAPTURED] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 NOT_FAILURES = frozenset({"result_blocked"})

@@ -67,7 +67,7 @@ class SqliteJournalDb:
 
     async def open(self, *, create: bool) -> bool:
         memory = self.path == ":memory:" or self.path.startswith("file:")
-        if not create and not memory and not Path(self.path).exists():
+        if not create and not memory and not await asyncio.to_thread(Path(self.path).exists):
             return False
         if create and not memory:
             await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ class Redactor:
             if len(value) >= _MIN_SECRET_LEN:
                 found.add(value)
             # "Bearer abc123": the token alone must not leak either.
-            scheme, _, credential = value.partition(" ")
+            _scheme, _, credential = value.partition(" ")
             if credential.strip() and len(credential.strip()) >= _MIN_SECRET_LEN:
                 found.add(credential.strip())
         # Longest first, so a value is removed whole before any part of it.
@@ -118,7 +118,9 @@ _JSON_PAIR = re.compile(
     r'(?P<value>"(?:[^"\\]|\\.)*(?:"|$)|[^\s,}\]]+)'
 )
 # key=value in a query string or form body
-_FORM_PAIR = re.compile(r"(?P<head>(?:^|(?<=[&?\s;]))(?P<key>[A-Za-z0-9_.\-\[\]]{1,200})=)[^&\s;\"]*")
+_FORM_PAIR = re.compile(
+    r"(?P<head>(?:^|(?<=[&?\s;]))(?P<key>[A-Za-z0-9_.\-\[\]]{1,200})=)[^&\s;\"]*"
+)
 
 
 def truncate(text: str, max_bytes: int, *, original_bytes: int | None = None) -> str:

@@ -54,7 +54,7 @@ def project_name(config: TracingConfig) -> str:
 
 
 def build_resource(config: TracingConfig) -> Resource:
-    """``service.name`` and ``openinference.project.name``; ``OTEL_RESOURCE_ATTRIBUTES`` merge in."""
+    """``service.name`` and ``openinference.project.name`` (OTEL_RESOURCE_ATTRIBUTES merge in)."""
     return Resource.create({SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)})
 
 
@@ -139,6 +139,8 @@ class GuardedExporter(SpanExporter):
         self._drops = drops
         self._deadline: float | None = None
         self._abort: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._inner_down = False
         self.taken = 0
         """Spans handed to ``export`` so far (the batch queue's outflow)."""
 
@@ -159,16 +161,21 @@ class GuardedExporter(SpanExporter):
     def begin_shutdown(self, budget_s: float) -> None:
         """From now on, exports may only use ``budget_s``; then in-flight retries are cut."""
         self._deadline = time.monotonic() + budget_s
-        self._abort = threading.Timer(budget_s, self._inner.shutdown)
+        self._abort = threading.Timer(budget_s, self._shutdown_inner)
         self._abort.daemon = True
         self._abort.start()
+
+    def _shutdown_inner(self) -> None:
+        with self._lock:
+            if self._inner_down:
+                return
+            self._inner_down = True
+        self._inner.shutdown()
 
     def shutdown(self) -> None:
         if self._abort is not None:
             self._abort.cancel()
-            if self._abort.finished.is_set():
-                return  # the timer already shut the inner exporter down
-        self._inner.shutdown()
+        self._shutdown_inner()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -217,7 +224,7 @@ class ExportProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         self._exporter.begin_shutdown(self._shutdown_budget_s)
-        self._batch.shutdown()
+        self._batch.shutdown()  # type: ignore[no-untyped-call]
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._batch.force_flush(timeout_millis)
@@ -247,9 +254,9 @@ def describe_exporter(config: TracingConfig) -> str:
         return "none (local journal only)"
     protocol = _protocol(config)
     if config.endpoint:
-        endpoint = (
-            http_traces_endpoint(config.endpoint) if protocol == "http/protobuf" else config.endpoint
-        )
+        endpoint = config.endpoint
+        if protocol == "http/protobuf":
+            endpoint = http_traces_endpoint(endpoint)
     else:
         endpoint = (
             os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")

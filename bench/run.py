@@ -1,0 +1,317 @@
+"""Handrail's benchmark: every guard on, against a bare Python pass-through, in one run.
+
+    python bench/run.py            # full run (about 4 minutes); writes bench/out/
+    python bench/run.py --quick    # smoke check for CI (under a minute, no thresholds)
+
+Starts, as separate processes on loopback: a fast JSON tool, a bare aiohttp pass-through
+(no policy, no store, no trace), an OTLP/HTTP sink, a FastMCP server, and Handrail with
+every guard on (embedded policy on the shipped policies, enforce-mode idempotency with a new
+key per request, the SQLite journal, spans exported over OTLP to the sink). wrk drives each
+with the same POST+JSON load; the report gives throughput ratios, latency percentiles,
+Handrail's memory, and the replay and deny paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+NEW_KEY_LUA = r"""
+local counter = 0
+local prefix = os.getenv("BENCH_PREFIX") or "b"
+function setup(thread) thread:set("tid", tostring(math.random(1, 1000000000))) end
+request = function()
+  counter = counter + 1
+  local headers = {}
+  headers["Content-Type"] = "application/json"
+  headers["X-Agent-Id"] = "bench-agent"
+  headers["X-Run-Id"] = prefix .. "-" .. tid .. "-" .. math.floor(counter / 20)
+  headers["Idempotency-Key"] = prefix .. "-" .. tid .. "-" .. counter
+  local body = '{"contact": {"name": "Ada", "email": "ada@example.com"}, "amount": ' .. counter .. ', "note": "benchmark call"}'
+  return wrk.format("POST", nil, headers, body)
+end
+"""
+
+REPLAY_LUA = r"""
+local prefix = os.getenv("BENCH_PREFIX") or "b"
+request = function()
+  local headers = {}
+  headers["Content-Type"] = "application/json"
+  headers["X-Agent-Id"] = "bench-agent"
+  headers["X-Run-Id"] = prefix .. "-replay"
+  headers["Idempotency-Key"] = prefix .. "-the-same-key"
+  return wrk.format("POST", nil, headers, '{"contact": {"name": "Ada"}, "amount": 1}')
+end
+"""
+
+DENY_LUA = r"""
+local counter = 0
+request = function()
+  counter = counter + 1
+  local headers = {}
+  headers["Content-Type"] = "application/json"
+  headers["X-Agent-Id"] = "bench-agent"
+  headers["Idempotency-Key"] = "deny-" .. counter
+  return wrk.format("POST", nil, headers, '{"note": "key sk-live-4eC39HqLyjWDarjtT1zdp7dc"}')
+end
+"""
+
+MCP_LUA = r"""
+local counter = 0
+function setup(thread) thread:set("tid", math.random(1, 1000000)) end
+request = function()
+  counter = counter + 1
+  local headers = {}
+  headers["Content-Type"] = "application/json"
+  headers["Accept"] = "application/json, text/event-stream"
+  headers["X-Agent-Id"] = "bench-agent"
+  headers["X-Run-Id"] = "mcp-" .. tid .. "-" .. math.floor(counter / 20)
+  local a = tid * 1000000 + counter
+  return wrk.format("POST", nil, headers, '{"jsonrpc":"2.0","id":' .. counter .. ',"method":"tools/call","params":{"name":"add","arguments":{"a":' .. a .. ',"b":2}}}')
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"a benchmark process exited early: {proc.args}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"port {port} did not open: {proc.args}")
+
+
+@dataclass
+class Result:
+    name: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    requests: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> Result:
+    threads = 1 if connections == 1 else 2
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    result = Result(name, connections, rps, p50, p99, int(non.group(1)) if non else 0, total)
+    print(f"  {name:24} c={connections:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+          + (f"  non-2xx {result.non_2xx}" if result.non_2xx else ""), flush=True)
+    return result
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+        self.procs.append(proc)
+        wait_port(port, proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def handrail_config(work: Path, upstream: int, mcp: int, sink: int, port: int, admin: int) -> Path:
+    config = {
+        "listen": {"port": port},
+        "admin": {"port": admin},
+        "tools": {
+            "api": {"upstream": f"http://127.0.0.1:{upstream}", "idempotency": {"mode": "enforce"}},
+            "calc": {"upstream": f"http://127.0.0.1:{mcp}/mcp", "kind": "mcp"},
+        },
+        "policy": {"engine": "embedded", "path": str(ROOT / "policies"), "watch": False},
+        "store": {"url": f"sqlite:///{work}/handrail.db"},
+        "tracing": {
+            "exporter": "otlp",
+            "endpoint": f"http://127.0.0.1:{sink}",
+            "protocol": "http/protobuf",
+            "capture": {"arguments": True, "results": True},
+        },
+    }
+    path = work / "handrail.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def plot(results: list[Result], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install '.[bench]')")
+        return
+    names = ["direct", "pass-through", "handrail"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, conns in zip(axes, (1, 32), strict=True):
+        rows = [next((r for r in results if r.name == n and r.connections == conns), None) for n in names]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [r.p50_ms if r else 0 for r in rows], 0.4, label="p50")
+        ax.bar([x + 0.2 for x in xs], [r.p99_ms if r else 0 for r in rows], 0.4, label="p99")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"HTTP POST, {conns} connection{'s' if conns > 1 else ''}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short smoke run, no plot")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is required: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (2 if args.quick else 10)
+    out: Path = args.out
+    if out.exists() and not args.quick:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scripts = {}
+    for name, text in (("new_key", NEW_KEY_LUA), ("replay", REPLAY_LUA), ("deny", DENY_LUA), ("mcp", MCP_LUA)):
+        scripts[name] = out / f"{name}.lua"
+        scripts[name].write_text(text)
+
+    ports = {k: free_port() for k in ("upstream", "passthrough", "sink", "mcp", "handrail", "admin")}
+    procs = Processes()
+    results: list[Result] = []
+    env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
+    os.environ["BENCH_PREFIX"] = env["BENCH_PREFIX"]
+    try:
+        procs.start([PY, str(ROOT / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])], ports["upstream"])
+        procs.start([PY, str(ROOT / "bench/servers.py"), "passthrough", "--port", str(ports["passthrough"]),
+                     "--upstream", f"http://127.0.0.1:{ports['upstream']}"], ports["passthrough"])
+        procs.start([PY, str(ROOT / "bench/servers.py"), "otlp-sink", "--port", str(ports["sink"])], ports["sink"])
+        procs.start([PY, str(ROOT / "bench/mcp_server.py"), "--port", str(ports["mcp"])], ports["mcp"])
+        config = handrail_config(out, ports["upstream"], ports["mcp"], ports["sink"], ports["handrail"], ports["admin"])
+        handrail = procs.start([PY, "-m", "proxy.cli", "serve", "-c", str(config)], ports["handrail"], env=env, cwd=out)
+
+        urls = {
+            "direct": f"http://127.0.0.1:{ports['upstream']}/contacts",
+            "pass-through": f"http://127.0.0.1:{ports['passthrough']}/tools/api/contacts",
+            "handrail": f"http://127.0.0.1:{ports['handrail']}/tools/api/contacts",
+        }
+        warm = 1 if args.quick else 3
+        for name, url in urls.items():
+            wrk(f"warm-up {name}", url, scripts["new_key"], 8, warm)
+        print("HTTP POST, a new key per call:")
+        for conns in (1, 32):
+            for name, url in urls.items():
+                results.append(wrk(name, url, scripts["new_key"], conns, seconds))
+        print("Replay (the same key and payload) and deny (a secret in the arguments):")
+        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds))
+        results.append(wrk("direct (for replay)", urls["direct"], scripts["replay"], 32, seconds))
+        results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds))
+        print("MCP tools/call, new arguments per call:")
+        mcp_direct = f"http://127.0.0.1:{ports['mcp']}/mcp"
+        mcp_proxy = f"http://127.0.0.1:{ports['handrail']}/tools/calc"
+        wrk("warm-up mcp", mcp_proxy, scripts["mcp"], 8, warm)
+        for conns in (1, 32):
+            results.append(wrk("mcp direct", mcp_direct, scripts["mcp"], conns, seconds))
+            results.append(wrk("mcp handrail", mcp_proxy, scripts["mcp"], conns, seconds))
+        memory: dict[str, Any] = {"rss_kb_before_soak": rss_kb(handrail.pid)}
+        if not args.quick:
+            print("Soak: Handrail at 32 connections until at least 100k calls:")
+            soak_calls = 0
+            soak: list[dict[str, int]] = []
+            while soak_calls < 100_000:
+                r = wrk("handrail soak", urls["handrail"], scripts["new_key"], 32, 15)
+                soak_calls += r.requests
+                soak.append({"calls": soak_calls, "rss_kb": rss_kb(handrail.pid)})
+            memory["soak"] = soak
+        memory["peak_rss_kb"] = rss_kb(handrail.pid, "VmHWM")
+    finally:
+        procs.stop()
+
+    def get(name: str, conns: int) -> Result:
+        return next(r for r in results if r.name == name and r.connections == conns)
+
+    summary = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "seconds_per_measurement": seconds,
+        "ratios": {
+            "handrail / pass-through at 32 connections": get("handrail", 32).rps / get("pass-through", 32).rps,
+            "handrail / direct at 32 connections": get("handrail", 32).rps / get("direct", 32).rps,
+            "added p50 over pass-through at 1 connection (ms)": get("handrail", 1).p50_ms - get("pass-through", 1).p50_ms,
+            "replay / direct at 32 connections": get("handrail replay", 32).rps / get("direct (for replay)", 32).rps,
+            "mcp handrail / mcp direct at 32 connections": get("mcp handrail", 32).rps / get("mcp direct", 32).rps,
+            "mcp handrail / mcp direct at 1 connection": get("mcp handrail", 1).rps / get("mcp direct", 1).rps,
+        },
+        "memory": memory,
+        "results": [asdict(r) for r in results],
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print("\nRatios (same run):")
+    for key, value in summary["ratios"].items():
+        print(f"  {key}: {value:.3f}")
+    print(f"Handrail peak RSS: {memory['peak_rss_kb'] / 1024:.1f} MiB")
+    if "soak" in memory:
+        print("Soak RSS (MiB): " + ", ".join(f"{s['calls']}: {s['rss_kb'] / 1024:.1f}" for s in memory["soak"]))
+    if not args.quick:
+        plot(results, out / "latency.png")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

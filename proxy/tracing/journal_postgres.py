@@ -1,0 +1,172 @@
+"""The journal in the shared PostgreSQL database (the store's URL), on a small asyncpg pool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = 5.0
+SCHEMA_LOCK = 0x68616E6472616C
+"""The advisory lock every component's migrations take (the store's too): one at a time."""
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            f"""CREATE TABLE {TABLE} (
+                id bigserial PRIMARY KEY,
+                time double precision NOT NULL,
+                tool text NOT NULL,
+                kind text NOT NULL,
+                agent text NOT NULL,
+                run_id text NOT NULL,
+                trace_id text NOT NULL,
+                span_id text NOT NULL,
+                method text NOT NULL,
+                path text NOT NULL,
+                query text,
+                call_name text,
+                decision text,
+                reasons text,
+                decision_id text,
+                idempotency_key text,
+                fingerprint text,
+                replayed boolean NOT NULL,
+                status integer,
+                error_code text,
+                total_ms double precision NOT NULL,
+                policy_ms double precision NOT NULL,
+                upstream_ms double precision NOT NULL,
+                input text,
+                output text
+            )""",
+            f"CREATE INDEX {TABLE}_run ON {TABLE} (run_id, id)",
+            f"CREATE INDEX {TABLE}_tool ON {TABLE} (tool, id)",
+            f"CREATE INDEX {TABLE}_time ON {TABLE} (time)",
+        ),
+    ),
+)
+
+_INSERT = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
+)
+
+
+class PostgresJournalDb:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:
+        return "PostgresJournalDb(...)"  # the DSN may hold a password
+
+    async def open(self, *, create: bool) -> bool:
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=2, command_timeout=TIMEOUT_S, timeout=TIMEOUT_S
+        )
+        try:
+            async with pool.acquire() as conn:
+                if create:
+                    await self._migrate(conn)
+                    present = True
+                else:
+                    present = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", TABLE)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+        return bool(present)
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS handrail_schema "
+                "(component text PRIMARY KEY, version integer NOT NULL)"
+            )
+            current = int(
+                await conn.fetchval(
+                    "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
+                )
+                or 0
+            )
+            latest = MIGRATIONS[-1][0]
+            if current > latest:
+                logger.warning(
+                    "the journal's schema is version %d, newer than this proxy's %d",
+                    current,
+                    latest,
+                )
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO handrail_schema (component, version) VALUES ($1, $2) "
+                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                    COMPONENT,
+                    version,
+                )
+                logger.info("migrated the PostgreSQL journal to schema version %d", version)
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the journal is not open")
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def insert(self, rows: Sequence[Row]) -> None:
+        async with self._pool_or_fail().acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT, rows)
+
+    async def select(self, where: Where) -> list[dict[str, Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("run_id", where.run_id),
+            ("tool", where.tool),
+            ("decision", where.decision),
+            ("time", where.since),
+        ):
+            if value is not None:
+                params.append(value)
+                operator = ">=" if column == "time" else "="
+                clauses.append(f"{column} {operator} ${len(params)}")
+        sql = f"SELECT * FROM {TABLE}"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        params.append(where.limit)
+        sql += f" ORDER BY id DESC LIMIT ${len(params)}"
+        rows = await self._pool_or_fail().fetch(sql, *params)
+        return [row_dict(row) for row in rows]
+
+    async def purge(self, older_than: float, max_rows: int) -> int:
+        pool = self._pool_or_fail()
+        aged = await pool.execute(f"DELETE FROM {TABLE} WHERE time < $1", older_than)
+        over = await pool.execute(
+            f"DELETE FROM {TABLE} WHERE id <= "
+            f"(SELECT id FROM {TABLE} ORDER BY id DESC LIMIT 1 OFFSET $1)",
+            max_rows,
+        )
+        return _count(aged) + _count(over)
+
+
+def _count(status: str) -> int:
+    """``DELETE 12`` -> 12."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
