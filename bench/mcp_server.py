@@ -1,6 +1,6 @@
 """The benchmark's MCP server: FastMCP over Streamable HTTP, one cheap tool.
 
-    python bench/mcp_server.py --port 9100      # serves http://127.0.0.1:9100/mcp
+python bench/mcp_server.py --port 9100      # serves http://127.0.0.1:9100/mcp
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     mcp.run(
-        transport="http", host="127.0.0.1", port=args.port,
-        stateless_http=True, json_response=True, log_level="warning", show_banner=False,
+        transport="http",
+        host="127.0.0.1",
+        port=args.port,
+        stateless_http=True,
+        json_response=True,
+        log_level="warning",
+        show_banner=False,
     )
 
 

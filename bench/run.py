@@ -126,7 +126,16 @@ def _ms(text: str) -> float:
 
 def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> Result:
     threads = 1 if connections == 1 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -134,8 +143,11 @@ def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> 
     non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     result = Result(name, connections, rps, p50, p99, int(non.group(1)) if non else 0, total)
-    print(f"  {name:24} c={connections:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-          + (f"  non-2xx {result.non_2xx}" if result.non_2xx else ""), flush=True)
+    print(
+        f"  {name:24} c={connections:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+        + (f"  non-2xx {result.non_2xx}" if result.non_2xx else ""),
+        flush=True,
+    )
     return result
 
 
@@ -150,8 +162,12 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    def start(
+        self, args: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd
+        )
         self.procs.append(proc)
         wait_port(port, proc)
         return proc
@@ -200,7 +216,10 @@ def plot(results: list[Result], path: Path) -> None:
     names = ["direct", "pass-through", "handrail"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, conns in zip(axes, (1, 32), strict=True):
-        rows = [next((r for r in results if r.name == n and r.connections == conns), None) for n in names]
+        rows = [
+            next((r for r in results if r.name == n and r.connections == conns), None)
+            for n in names
+        ]
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], [r.p50_ms if r else 0 for r in rows], 0.4, label="p50")
         ax.bar([x + 0.2 for x in xs], [r.p99_ms if r else 0 for r in rows], 0.4, label="p99")
@@ -214,7 +233,9 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="short smoke run, no plot")
     parser.add_argument("--seconds", type=float, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -228,23 +249,52 @@ def main() -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     scripts = {}
-    for name, text in (("new_key", NEW_KEY_LUA), ("replay", REPLAY_LUA), ("deny", DENY_LUA), ("mcp", MCP_LUA)):
+    for name, text in (
+        ("new_key", NEW_KEY_LUA),
+        ("replay", REPLAY_LUA),
+        ("deny", DENY_LUA),
+        ("mcp", MCP_LUA),
+    ):
         scripts[name] = out / f"{name}.lua"
         scripts[name].write_text(text)
 
-    ports = {k: free_port() for k in ("upstream", "passthrough", "sink", "mcp", "handrail", "admin")}
+    ports = {
+        k: free_port() for k in ("upstream", "passthrough", "sink", "mcp", "handrail", "admin")
+    }
     procs = Processes()
     results: list[Result] = []
     env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
     os.environ["BENCH_PREFIX"] = env["BENCH_PREFIX"]
     try:
-        procs.start([PY, str(ROOT / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])], ports["upstream"])
-        procs.start([PY, str(ROOT / "bench/servers.py"), "passthrough", "--port", str(ports["passthrough"]),
-                     "--upstream", f"http://127.0.0.1:{ports['upstream']}"], ports["passthrough"])
-        procs.start([PY, str(ROOT / "bench/servers.py"), "otlp-sink", "--port", str(ports["sink"])], ports["sink"])
-        procs.start([PY, str(ROOT / "bench/mcp_server.py"), "--port", str(ports["mcp"])], ports["mcp"])
-        config = handrail_config(out, ports["upstream"], ports["mcp"], ports["sink"], ports["handrail"], ports["admin"])
-        handrail = procs.start([PY, "-m", "proxy.cli", "serve", "-c", str(config)], ports["handrail"], env=env, cwd=out)
+        procs.start(
+            [PY, str(ROOT / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])],
+            ports["upstream"],
+        )
+        procs.start(
+            [
+                PY,
+                str(ROOT / "bench/servers.py"),
+                "passthrough",
+                "--port",
+                str(ports["passthrough"]),
+                "--upstream",
+                f"http://127.0.0.1:{ports['upstream']}",
+            ],
+            ports["passthrough"],
+        )
+        procs.start(
+            [PY, str(ROOT / "bench/servers.py"), "otlp-sink", "--port", str(ports["sink"])],
+            ports["sink"],
+        )
+        procs.start(
+            [PY, str(ROOT / "bench/mcp_server.py"), "--port", str(ports["mcp"])], ports["mcp"]
+        )
+        config = handrail_config(
+            out, ports["upstream"], ports["mcp"], ports["sink"], ports["handrail"], ports["admin"]
+        )
+        handrail = procs.start(
+            [PY, "-m", "proxy.cli", "serve", "-c", str(config)], ports["handrail"], env=env, cwd=out
+        )
 
         urls = {
             "direct": f"http://127.0.0.1:{ports['upstream']}/contacts",
@@ -287,15 +337,24 @@ def main() -> int:
         return next(r for r in results if r.name == name and r.connections == conns)
 
     summary = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "seconds_per_measurement": seconds,
         "ratios": {
-            "handrail / pass-through at 32 connections": get("handrail", 32).rps / get("pass-through", 32).rps,
+            "handrail / pass-through at 32 connections": get("handrail", 32).rps
+            / get("pass-through", 32).rps,
             "handrail / direct at 32 connections": get("handrail", 32).rps / get("direct", 32).rps,
-            "added p50 over pass-through at 1 connection (ms)": get("handrail", 1).p50_ms - get("pass-through", 1).p50_ms,
-            "replay / direct at 32 connections": get("handrail replay", 32).rps / get("direct (for replay)", 32).rps,
-            "mcp handrail / mcp direct at 32 connections": get("mcp handrail", 32).rps / get("mcp direct", 32).rps,
-            "mcp handrail / mcp direct at 1 connection": get("mcp handrail", 1).rps / get("mcp direct", 1).rps,
+            "added p50 over pass-through at 1 connection (ms)": get("handrail", 1).p50_ms
+            - get("pass-through", 1).p50_ms,
+            "replay / direct at 32 connections": get("handrail replay", 32).rps
+            / get("direct (for replay)", 32).rps,
+            "mcp handrail / mcp direct at 32 connections": get("mcp handrail", 32).rps
+            / get("mcp direct", 32).rps,
+            "mcp handrail / mcp direct at 1 connection": get("mcp handrail", 1).rps
+            / get("mcp direct", 1).rps,
         },
         "memory": memory,
         "results": [asdict(r) for r in results],
@@ -306,7 +365,10 @@ def main() -> int:
         print(f"  {key}: {value:.3f}")
     print(f"Handrail peak RSS: {memory['peak_rss_kb'] / 1024:.1f} MiB")
     if "soak" in memory:
-        print("Soak RSS (MiB): " + ", ".join(f"{s['calls']}: {s['rss_kb'] / 1024:.1f}" for s in memory["soak"]))
+        print(
+            "Soak RSS (MiB): "
+            + ", ".join(f"{s['calls']}: {s['rss_kb'] / 1024:.1f}" for s in memory["soak"])
+        )
     if not args.quick:
         plot(results, out / "latency.png")
     print(f"results: {out / 'results.json'}")

@@ -1,8 +1,8 @@
 """The benchmark's other processes: a fast tool, a bare pass-through proxy, an OTLP sink.
 
-    python bench/servers.py upstream --port 9001
-    python bench/servers.py passthrough --port 9002 --upstream http://127.0.0.1:9001
-    python bench/servers.py otlp-sink --port 4318
+python bench/servers.py upstream --port 9001
+python bench/servers.py passthrough --port 9002 --upstream http://127.0.0.1:9001
+python bench/servers.py otlp-sink --port 4318
 """
 
 from __future__ import annotations
@@ -30,8 +30,18 @@ def upstream_app() -> web.Application:
     return app
 
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-        "proxy-authorization", "proxy-authenticate", "host", "content-length"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "host",
+    "content-length",
+}
 
 
 def passthrough_app(upstream: str) -> web.Application:

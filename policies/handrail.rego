@@ -174,9 +174,13 @@ _secret_patterns := {
 	"a private key": `-----BEGIN [A-Z ]*PRIVATE KEY-----`,
 }
 
+# One cheap screen first: only strings it matches get the detailed checks below.
+_screen := `sk-|[rs]k_live_|AKIA|gh[pousr]_|PRIVATE KEY|[0-9](?:[ -]?[0-9]){12}`
+
 _strings contains [path, value] if {
 	walk(_payload, [path, value])
 	is_string(value)
+	regex.match(_screen, value)
 }
 
 _field(path) := "(whole body)" if count(path) == 0

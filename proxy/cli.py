@@ -18,7 +18,10 @@ logger = logging.getLogger(__name__)
 
 def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument(
-        "-c", "--config", metavar="CFG", required=required,
+        "-c",
+        "--config",
+        metavar="CFG",
+        required=required,
         help="handrail.yaml (default: the embedded default)",
     )
 
@@ -134,16 +137,28 @@ def dispatch(args: argparse.Namespace) -> int:
         from proxy.tracing.commands import calls_command
 
         return calls_command(
-            config, run=args.run, tool=args.tool, decision=args.decision,
-            since=args.since, limit=args.limit, as_json=args.as_json, out=sys.stdout,
+            config,
+            run=args.run,
+            tool=args.tool,
+            decision=args.decision,
+            since=args.since,
+            limit=args.limit,
+            as_json=args.as_json,
+            out=sys.stdout,
         )
     if args.command == "traces":
         config = _load(args.config)
         from proxy.tracing.commands import traces_command
 
         return traces_command(
-            config, run=args.run, trace_id=args.trace_id, tool=args.tool,
-            decision=args.decision, limit=args.limit, as_json=args.as_json, out=sys.stdout,
+            config,
+            run=args.run,
+            trace_id=args.trace_id,
+            tool=args.tool,
+            decision=args.decision,
+            limit=args.limit,
+            as_json=args.as_json,
+            out=sys.stdout,
         )
     # approvals and replay: the contract names them; they arrive with human approval and
     # run replay. Until then, say so plainly instead of pretending.

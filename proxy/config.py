@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -91,8 +92,12 @@ class PolicyConfig(_Model):
     @classmethod
     def _entrypoint(cls, value: str) -> str:
         value = value.strip("/")
-        if not value or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in value.split("/")):
-            raise ValueError(f"must be a slash-separated data path like handrail/decision, got {value!r}")
+        if not value or not all(
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in value.split("/")
+        ):
+            raise ValueError(
+                f"must be a slash-separated data path like handrail/decision, got {value!r}"
+            )
         return value
 
     @property
@@ -160,7 +165,7 @@ class Config(_Model):
         return value
 
 
-def expand_env(value: Any, path: str = "", environ: dict[str, str] | None = None) -> Any:
+def expand_env(value: Any, path: str = "", environ: Mapping[str, str] | None = None) -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; a missing VAR is an error."""
     env = os.environ if environ is None else environ
     if isinstance(value, dict):

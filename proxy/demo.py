@@ -65,6 +65,11 @@ def _config(tool_url: str, directory: Path) -> dict[str, Any]:
     }
 
 
+def _write_config(raw: dict[str, Any]) -> None:
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    (DEMO_DIR / "handrail.yaml").write_text(json.dumps(raw, indent=2) + "\n")
+
+
 def _policies() -> Path:
     local = Path("policies")
     return local.resolve() if (local / "handrail.rego").is_file() else shipped_policies()
@@ -82,7 +87,15 @@ def _tree(spans: list[ReadableSpan], trace_id: int) -> list[str]:
     def walk(parent: int | None, depth: int) -> None:
         for span in sorted(children.get(parent, []), key=lambda s: s.start_time or 0):
             attrs = span.attributes or {}
-            notes = [f"{k}={attrs[k]}" for k in ("handrail.decision", "handrail.idempotency.replayed", "http.response.status_code") if k in attrs]
+            notes = [
+                f"{k}={attrs[k]!s}"
+                for k in (
+                    "handrail.decision",
+                    "handrail.idempotency.replayed",
+                    "http.response.status_code",
+                )
+                if k in attrs
+            ]
             lines.append(f"{'  ' * depth}- {span.name}  {' '.join(notes)}".rstrip())
             assert span.context is not None
             walk(span.context.span_id, depth + 1)
@@ -97,11 +110,10 @@ async def _demo(out: TextIO) -> int:
     await tool_runner.setup()
     site = web.TCPSite(tool_runner, "127.0.0.1", 0)
     await site.start()
-    tool_url = "http://127.0.0.1:%d" % tool_runner.addresses[0][1]
+    tool_url = f"http://127.0.0.1:{tool_runner.addresses[0][1]}"
 
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
     raw = _config(tool_url, DEMO_DIR)
-    (DEMO_DIR / "handrail.yaml").write_text(json.dumps(raw, indent=2) + "\n")
+    _write_config(raw)
     config = parse_config(raw, str(DEMO_DIR / "handrail.yaml"))
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -113,38 +125,71 @@ async def _demo(out: TextIO) -> int:
     await admin_runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     await web.TCPSite(admin_runner, "127.0.0.1", 0).start()
-    proxy = "http://127.0.0.1:%d/tools/" % runner.addresses[0][1]
+    proxy = f"http://127.0.0.1:{runner.addresses[0][1]}/tools/"
     run_id = "demo-" + secrets.token_hex(3)
     agent = {"X-Agent-Id": "demo-agent", "X-Run-Id": run_id}
-    p = lambda line="": print(line, file=out, flush=True)  # noqa: E731
 
-    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}{{crm,payments}}, policies from {config.policy.path}")
+    def p(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+
+    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}{{crm,payments}}")
+    p(f"Policies from {config.policy.path}")
     p(f"The agent 'demo-agent' runs '{run_id}'; every call goes through the proxy.\n")
     ok = True
     async with aiohttp.ClientSession(headers=agent) as http:
-        async def call(title: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+
+        async def call(
+            title: str,
+            method: str,
+            path: str,
+            body: Any = None,
+            headers: dict[str, str] | None = None,
+        ) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
             async with http.request(method, proxy + path, json=body, headers=headers) as resp:
                 data = await resp.json()
-                p(f"{title}\n  {method} /tools/{path} -> {resp.status}"
-                  + (" (Idempotent-Replayed)" if resp.headers.get("Idempotent-Replayed") else ""))
+                p(
+                    f"{title}\n  {method} /tools/{path} -> {resp.status}"
+                    + (" (Idempotent-Replayed)" if resp.headers.get("Idempotent-Replayed") else "")
+                )
                 return resp.status, data, resp
 
         status, data, _ = await call("1. Read: allowed by policy", "GET", "crm/contacts")
         ok &= status == 200
-        status, data, resp = await call("2. Write: allowed, an idempotency key is attached", "POST", "crm/contacts", {"name": "Ada Lovelace", "email": "ada@example.com"})
+        status, data, resp = await call(
+            "2. Write: allowed, an idempotency key is attached",
+            "POST",
+            "crm/contacts",
+            {"name": "Ada Lovelace", "email": "ada@example.com"},
+        )
         ok &= status == 201
         p(f"  the tool created {data.get('id')}")
-        status, data, resp = await call("3. The agent blindly retries the same write (its keys reordered)", "POST", "crm/contacts", {"email": "ada@example.com", "name": "Ada Lovelace"})
+        status, data, resp = await call(
+            "3. The agent blindly retries the same write (its keys reordered)",
+            "POST",
+            "crm/contacts",
+            {"email": "ada@example.com", "name": "Ada Lovelace"},
+        )
         ok &= status == 201 and resp.headers.get("Idempotent-Replayed") == "true"
         p(f"  replayed from the store: the tool ran create_contact {ran['create_contact']} time(s)")
         replay_trace = int(resp.headers["traceresponse"].split("-")[1], 16)
-        status, data, _ = await call("4. Write with a secret in its arguments: denied with reasons", "POST", "crm/contacts", {"name": "Eve", "note": "use key sk-live-4eC39HqLyjWDarjtT1zdp7dc"})
+        status, data, _ = await call(
+            "4. Write with a secret in its arguments: denied with reasons",
+            "POST",
+            "crm/contacts",
+            {"name": "Eve", "note": "use key sk-live-4eC39HqLyjWDarjtT1zdp7dc"},
+        )
         ok &= status == 403
         error = data.get("error", {})
         for reason in error.get("reasons", []):
             p(f"  reason: {reason}")
         p(f"  (the tool was not called; decision {error.get('decision_id')})")
-        status, data, _ = await call("5. A refund over the approval limit: the policy asks for a human", "POST", "payments/refunds", {"amount": 500, "order": "o-1"})
+        status, data, _ = await call(
+            "5. A refund over the approval limit: the policy asks for a human",
+            "POST",
+            "payments/refunds",
+            {"amount": 500, "order": "o-1"},
+        )
         error = data.get("error", {})
         p(f"  {error.get('code')}: {error.get('message')}")
         ok &= status == 403 and bool(error.get("require_approval"))
@@ -157,7 +202,11 @@ async def _demo(out: TextIO) -> int:
     rows = await deps.journal.query(CallQuery(run_id=run_id, limit=20))
     p(f"\nThe journal recorded {len(rows)} calls for run {run_id}:")
     for row in reversed(rows):
-        p(f"  {row.get('method', ''):6} {row.get('tool', '') + row.get('path', ''):20} decision={row.get('decision')} status={row.get('status')} replayed={row.get('replayed')}")
+        where = f"{row.get('tool', '')}{row.get('path', '')}"
+        p(
+            f"  {row.get('method', ''):6} {where:20} decision={row.get('decision')} "
+            f"status={row.get('status')} replayed={row.get('replayed')}"
+        )
     p(f"\nThe trace of the replayed retry ({replay_trace:032x}):")
     for line in _tree(list(exporter.get_finished_spans()), replay_trace):
         p(line)

@@ -118,5 +118,7 @@ def map_exceptions(mapping: dict[type[BaseException], type[HandrailError]]) -> I
     except Exception as exc:
         for source, target in mapping.items():
             if isinstance(exc, source):
-                raise target(f"{target.__name__}: {exc!s}" if str(exc) else target.__name__) from exc
+                raise target(
+                    f"{target.__name__}: {exc!s}" if str(exc) else target.__name__
+                ) from exc
         raise

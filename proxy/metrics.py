@@ -6,7 +6,23 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 
 
 @dataclass
@@ -16,19 +32,29 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.calls = Counter(
-            "handrail_calls", "Tool calls by tool, decision and status.",
-            ["tool", "decision", "status"], registry=r,
+            "handrail_calls",
+            "Tool calls by tool, decision and status.",
+            ["tool", "decision", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "handrail_call_duration_seconds", "Time from request to the last byte sent.",
-            ["tool"], buckets=_LATENCY_BUCKETS, registry=r,
+            "handrail_call_duration_seconds",
+            "Time from request to the last byte sent.",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.policy_latency = Histogram(
-            "handrail_policy_duration_seconds", "Policy evaluation time.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "handrail_policy_duration_seconds",
+            "Policy evaluation time.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.replays = Counter(
-            "handrail_idempotent_replays", "Responses replayed from the store.", ["tool"], registry=r
+            "handrail_idempotent_replays",
+            "Responses replayed from the store.",
+            ["tool"],
+            registry=r,
         )
         self.errors = Counter(
             "handrail_errors", "Errors answered by the proxy itself, by code.", ["code"], registry=r

@@ -237,7 +237,8 @@ async def settle_key(call: Call, deps: Deps) -> None:
             await deps.store.release(call.tool_name, key, claim.owner)
     except HandrailError as exc:
         logger.error(
-            "could not settle idempotency key: %s", exc.message,
+            "could not settle idempotency key: %s",
+            exc.message,
             extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
         )
 

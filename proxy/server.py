@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -49,6 +50,15 @@ class Server:
         await self._admin_runner.cleanup()
 
 
+def redact_url(url: str) -> str:
+    """A store URL fit for a log line: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _url(runner: web.AppRunner) -> str:
     host, port = runner.addresses[0][:2]
     return f"http://{host}:{port}"
@@ -62,13 +72,17 @@ async def serve(config: Config, announce: Callable[[str], None]) -> None:
         loop.add_signal_handler(sig, stop.set)
     where = await server.start()
     tools = ", ".join(f"{n} ({t.kind})" for n, t in config.tools.items()) or "none"
-    exporter = config.tracing.exporter
+    exporter: str = config.tracing.exporter
     if exporter == "otlp":
-        exporter += f" {config.tracing.protocol} {config.tracing.endpoint or '(OTEL_EXPORTER_OTLP_* env)'}"
+        endpoint = config.tracing.endpoint or "(OTEL_EXPORTER_OTLP_* env)"
+        exporter += f" {config.tracing.protocol} {endpoint}"
+    policy = config.policy
+    engine_at = policy.path if policy.engine == "embedded" else policy.opa.url
     announce(
-        f"handrail listening on {where.data_url} (tools at /tools/NAME), admin on {where.admin_url}\n"
-        f"  engine: {config.policy.engine} ({config.policy.path if config.policy.engine == 'embedded' else config.policy.opa.url})\n"
-        f"  store: {config.store.url}\n"
+        f"handrail listening on {where.data_url} (tools at /tools/NAME), "
+        f"admin on {where.admin_url}\n"
+        f"  engine: {policy.engine} ({engine_at})\n"
+        f"  store: {redact_url(config.store.url)}\n"
         f"  exporter: {exporter}; journal in the store\n"
         f"  tools: {tools}"
     )

@@ -93,7 +93,11 @@ def tool_app(seen: Seen) -> web.Application:
         return web.json_response(
             {"n": len(seen.requests), "got": entry},
             status=status,
-            headers={"X-Tool": "fake", "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1"},
+            headers={
+                "X-Tool": "fake",
+                "Connection": "keep-alive, X-Secret-Hop",
+                "X-Secret-Hop": "1",
+            },
         )
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -102,7 +106,9 @@ def tool_app(seen: Seen) -> web.Application:
 
 
 @pytest.fixture
-async def tool(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[tuple[TestServer, Seen]]:
+async def tool(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> AsyncIterator[tuple[TestServer, Seen]]:
     seen = Seen()
     server = await aiohttp_server(tool_app(seen))
     yield server, seen
@@ -162,7 +168,9 @@ def make_proxy(
 
 
 @pytest.fixture
-def make_admin(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Callable[[TestClient], Awaitable[TestClient]]:
+def make_admin(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+) -> Callable[[TestClient], Awaitable[TestClient]]:
     async def make(proxy: TestClient) -> TestClient:
         return await aiohttp_client(build_admin_app(proxy.server.app))
 

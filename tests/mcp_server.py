@@ -63,6 +63,13 @@ def build_server(executions: Counter[str]) -> FastMCP[Any]:
         await ctx.send_notification(ToolListChangedNotification())
         return "changed"
 
+    @mcp.tool
+    async def announce_on_stream(ctx: Context) -> str:
+        """Sends notifications/tools/list_changed on the session's GET event stream."""
+        executions["announce_on_stream"] += 1
+        await ctx.session.send_notification(ToolListChangedNotification())
+        return "announced"
+
     return mcp
 
 

@@ -14,7 +14,10 @@ from proxy.config import load_config
 def handrail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", *args],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
@@ -27,12 +30,21 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "named"),
     [
-        ("tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    retries: 3\n", "tools.crm.retries: unknown key"),
+        (
+            "tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    retries: 3\n",
+            "tools.crm.retries: unknown key",
+        ),
         ("listen: {host: 127.0.0.1, prot: 1}\n", "listen.prot: unknown key"),
         ("tools:\n  crm:\n    upstream: ftp://files\n", "tools.crm.upstream"),
-        ("tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    idempotency: {mode: sometimes}\n", "tools.crm.idempotency.mode"),
+        (
+            "tools:\n  crm:\n    upstream: http://127.0.0.1:9001\n    idempotency: {mode: sometimes}\n",
+            "tools.crm.idempotency.mode",
+        ),
         ("store: {url: 'mysql://x'}\n", "store.url"),
-        ("tools:\n  crm:\n    upstream: http://h\n    headers: {Authorization: 'Bearer ${HANDRAIL_TEST_UNSET_TOKEN}'}\n", "tools.crm.headers.Authorization: environment variable HANDRAIL_TEST_UNSET_TOKEN is not set"),
+        (
+            "tools:\n  crm:\n    upstream: http://h\n    headers: {Authorization: 'Bearer ${HANDRAIL_TEST_UNSET_TOKEN}'}\n",
+            "tools.crm.headers.Authorization: environment variable HANDRAIL_TEST_UNSET_TOKEN is not set",
+        ),
         ("tools: [1, 2\n", "not valid YAML"),
     ],
 )
@@ -55,7 +67,10 @@ def test_env_vars_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("CRM_TOKEN", "abc")
     monkeypatch.setenv("CRM_PORT", "9009")
     config = load_config(
-        write(tmp_path, "tools:\n  crm:\n    upstream: http://127.0.0.1:${CRM_PORT}\n    headers: {Authorization: 'Bearer ${CRM_TOKEN}'}\nadmin: {token: '${ADMIN_T:-}'}\n")
+        write(
+            tmp_path,
+            "tools:\n  crm:\n    upstream: http://127.0.0.1:${CRM_PORT}\n    headers: {Authorization: 'Bearer ${CRM_TOKEN}'}\nadmin: {token: '${ADMIN_T:-}'}\n",
+        )
     )
     assert config.tools["crm"].upstream == "http://127.0.0.1:9009"
     assert config.tools["crm"].headers["Authorization"] == "Bearer abc"

@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_runs_from_an_empty_folder(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "proxy.cli", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -30,8 +34,21 @@ def test_demo_runs_from_an_empty_folder(tmp_path: Path) -> None:
     assert "demo finished" in out
     run_id = re.search(r"--run (demo-[0-9a-f]+)", out).group(1)  # type: ignore[union-attr]
     listed = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "calls", "-c", ".handrail/demo/handrail.yaml", "--run", run_id, "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "calls",
+            "-c",
+            ".handrail/demo/handrail.yaml",
+            "--run",
+            run_id,
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert listed.returncode == 0, listed.stderr
     assert run_id in listed.stdout and "deny" in listed.stdout
@@ -54,13 +71,26 @@ def test_dockerfile_command_serves_the_shipped_sidecar_config(tmp_path: Path) ->
     (etc / "policies").symlink_to(ROOT / "policies")
     args = [a.replace("/etc/handrail", str(etc)) for a in command[1:]]
     port, admin = free_port(), free_port()
-    config = (etc / "handrail.yaml").read_text().replace("port: 8787", f"port: {port}").replace("port: 8788", f"port: {admin}")
+    config = (
+        (etc / "handrail.yaml")
+        .read_text()
+        .replace("port: 8787", f"port: {port}")
+        .replace("port: 8788", f"port: {admin}")
+    )
     (etc / "handrail.yaml").write_text(config)
-    env = {**os.environ, "HANDRAIL_HOST": "127.0.0.1", "HANDRAIL_ADMIN_HOST": "127.0.0.1",
-           "HANDRAIL_STORE_URL": f"sqlite:///{tmp_path}/h.db"}
+    env = {
+        **os.environ,
+        "HANDRAIL_HOST": "127.0.0.1",
+        "HANDRAIL_ADMIN_HOST": "127.0.0.1",
+        "HANDRAIL_STORE_URL": f"sqlite:///{tmp_path}/h.db",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", *args], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "proxy.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from proxy.errors import IdempotencyKeyInUse, PolicyDenied
 from proxy.mcp.jsonrpc import (
     INVALID_REQUEST,
     PARSE_ERROR,
@@ -19,6 +20,7 @@ from proxy.mcp.jsonrpc import (
     response_in,
     with_id,
 )
+from proxy.mcp.render import render_error
 
 
 def test_request_notification_and_response_are_told_apart() -> None:
@@ -48,7 +50,9 @@ def test_single_tools_call_exposes_its_params() -> None:
     assert message.params == {"name": "echo", "arguments": {"text": "hi"}}
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"", b'{"jsonrpc":"2.0","id":1,"method":"x"', b"NaN"])
+@pytest.mark.parametrize(
+    "data", [b"{not json", b"", b'{"jsonrpc":"2.0","id":1,"method":"x"', b"NaN"]
+)
 def test_invalid_json_is_a_parse_error(data: bytes) -> None:
     with pytest.raises(JsonRpcError) as info:
         parse_body(data)
@@ -108,7 +112,8 @@ def test_raw_members_rejects_trailing_data() -> None:
 
 def test_sse_parser_handles_events_split_across_chunks() -> None:
     stream = (
-        b'event: message\r\nid: e1\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\r\n\r\n'
+        b"event: message\r\nid: e1\r\n"
+        b'data: {"jsonrpc":"2.0","method":"notifications/progress"}\r\n\r\n'
         b": keepalive\n\n"
         b'data: {"jsonrpc":"2.0",\ndata: "id":1,"result":{}}\n\n'
     )
@@ -138,14 +143,38 @@ def test_rendered_event_parses_back() -> None:
 
 
 def test_response_is_found_in_an_sse_body() -> None:
-    body = (
-        render_event('{"jsonrpc":"2.0","method":"notifications/progress","params":{}}')
-        + render_event('{"jsonrpc":"2.0","id":4,"result":{"content":[]}}')
+    body = render_event(
+        '{"jsonrpc":"2.0","method":"notifications/progress","params":{}}'
+    ) + render_event('{"jsonrpc":"2.0","id":4,"result":{"content":[]}}')
+    assert (
+        response_in(body, "text/event-stream", 4)
+        == b'{"jsonrpc":"2.0","id":4,"result":{"content":[]}}'
     )
-    assert response_in(body, "text/event-stream", 4) == b'{"jsonrpc":"2.0","id":4,"result":{"content":[]}}'
     assert response_in(body, "text/event-stream", 5) is None
 
 
 def test_response_is_found_in_a_json_body() -> None:
     body = b'{"jsonrpc":"2.0","id":"a","result":{}}'
     assert response_in(body, "application/json", "a") == body
+
+
+def test_policy_deny_renders_as_a_tool_error_result() -> None:
+    denied = PolicyDenied("denied by policy", reasons=["too risky", "after hours"])
+    status, message = render_error(denied, 7, "t" * 32)
+    assert status == 200
+    assert message["id"] == 7
+    assert message["result"]["isError"] is True
+    assert message["result"]["content"] == [
+        {"type": "text", "text": "Denied by policy: too risky; after hours"}
+    ]
+
+
+def test_other_errors_render_as_json_rpc_errors_with_the_contract_body() -> None:
+    status, message = render_error(IdempotencyKeyInUse("still in flight"), "a", "t" * 32)
+    assert status == 409
+    assert message["error"]["code"] == -32000
+    assert message["error"]["data"] == {
+        "code": "idempotency_key_in_use",
+        "message": "still in flight",
+        "trace_id": "t" * 32,
+    }

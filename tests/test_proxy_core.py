@@ -8,22 +8,29 @@ import re
 import time
 
 import pytest
-from aiohttp import web
 
-from tests.conftest import ProxyFactory, Seen, free_port
+from tests.conftest import ProxyFactory, free_port
 
 TRACERESPONSE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def crm(server, **extra):  # type: ignore[no-untyped-def]
-    return {"crm": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}, **extra}}
+    return {
+        "crm": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}, **extra}
+    }
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "HEAD", "OPTIONS"])
-async def test_methods_reach_the_tool_with_path_and_query(tool, make_proxy: ProxyFactory, method: str) -> None:
+async def test_methods_reach_the_tool_with_path_and_query(
+    tool, make_proxy: ProxyFactory, method: str
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))
-    resp = await proxy.request(method, "/tools/crm/contacts/42?x=1&y=a%20b", data=b'{"a": 1}' if method in ("POST", "PUT", "PATCH") else None)
+    resp = await proxy.request(
+        method,
+        "/tools/crm/contacts/42?x=1&y=a%20b",
+        data=b'{"a": 1}' if method in ("POST", "PUT", "PATCH") else None,
+    )
     assert resp.status == 200
     assert seen.requests[-1]["method"] == method
     assert seen.requests[-1]["path"] == "/api/contacts/42"
@@ -34,7 +41,9 @@ async def test_request_body_reaches_the_tool_unchanged(tool, make_proxy: ProxyFa
     server, seen = tool
     proxy = await make_proxy(crm(server))
     payload = json.dumps({"name": "Ada", "tags": ["x"] * 100})
-    resp = await proxy.post("/tools/crm/contacts", data=payload, headers={"Content-Type": "application/json"})
+    resp = await proxy.post(
+        "/tools/crm/contacts", data=payload, headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 200
     assert seen.requests[-1]["body"] == payload
 
@@ -84,7 +93,13 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(tool, make_proxy: ProxyF
     proxy = await make_proxy(crm(server))
     resp = await proxy.get(
         "/tools/crm/x",
-        headers={"Connection": "keep-alive, X-Agent-Hop", "X-Agent-Hop": "1", "Proxy-Authorization": "p", "TE": "trailers", "X-Kept": "yes"},
+        headers={
+            "Connection": "keep-alive, X-Agent-Hop",
+            "X-Agent-Hop": "1",
+            "Proxy-Authorization": "p",
+            "TE": "trailers",
+            "X-Kept": "yes",
+        },
     )
     sent = seen.requests[-1]["headers"]
     assert "X-Agent-Hop" not in sent and "Proxy-Authorization" not in sent and "TE" not in sent
@@ -97,7 +112,9 @@ async def test_every_response_carries_traceresponse(tool, make_proxy: ProxyFacto
     server, _ = tool
     proxy = await make_proxy(crm(server))
     parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    ok = await proxy.get("/tools/crm/x", headers={"traceparent": f"00-{parent_trace}-00f067aa0ba902b7-01"})
+    ok = await proxy.get(
+        "/tools/crm/x", headers={"traceparent": f"00-{parent_trace}-00f067aa0ba902b7-01"}
+    )
     missing = await proxy.get("/tools/nope/x")
     elsewhere = await proxy.get("/not-a-tool")
     for resp in (ok, missing, elsewhere):
@@ -109,10 +126,15 @@ async def test_agents_trace_continues_upstream(tool, make_proxy: ProxyFactory) -
     server, seen = tool
     proxy = await make_proxy(crm(server))
     parent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    await proxy.get("/tools/crm/x", headers={"traceparent": f"00-{parent_trace}-00f067aa0ba902b7-01", "baggage": "run.id=r-9"})
+    await proxy.get(
+        "/tools/crm/x",
+        headers={"traceparent": f"00-{parent_trace}-00f067aa0ba902b7-01", "baggage": "run.id=r-9"},
+    )
     sent = seen.requests[-1]["headers"]
     assert sent["traceparent"].split("-")[1] == parent_trace
-    assert sent["traceparent"].split("-")[2] != "00f067aa0ba902b7"  # our upstream span is the parent
+    assert (
+        sent["traceparent"].split("-")[2] != "00f067aa0ba902b7"
+    )  # our upstream span is the parent
     assert sent["baggage"] == "run.id=r-9"
 
 
@@ -130,7 +152,9 @@ async def test_unknown_tool_is_404_with_error_body(tool, make_proxy: ProxyFactor
     assert seen.count() == 0
 
 
-async def test_body_over_limit_is_413_and_never_reaches_the_tool(tool, make_proxy: ProxyFactory) -> None:
+async def test_body_over_limit_is_413_and_never_reaches_the_tool(
+    tool, make_proxy: ProxyFactory
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server, max_body_bytes=100))
     resp = await proxy.post("/tools/crm/notes", data=b"x" * 101)
@@ -147,7 +171,9 @@ async def test_body_over_limit_is_413_and_never_reaches_the_tool(tool, make_prox
 
 
 async def test_refused_connection_is_502_upstream_unavailable(make_proxy: ProxyFactory) -> None:
-    proxy = await make_proxy({"crm": {"upstream": f"http://127.0.0.1:{free_port()}", "idempotency": {"mode": "off"}}})
+    proxy = await make_proxy(
+        {"crm": {"upstream": f"http://127.0.0.1:{free_port()}", "idempotency": {"mode": "off"}}}
+    )
     resp = await proxy.get("/tools/crm/x")
     assert resp.status == 502
     assert (await resp.json())["error"]["code"] == "upstream_unavailable"
@@ -185,7 +211,9 @@ async def test_bad_header_is_400_bad_request(tool, make_proxy: ProxyFactory) -> 
         "/tools/crm/./x",
     ],
 )
-async def test_path_cannot_escape_the_tools_base_url(tool, make_proxy: ProxyFactory, path: str) -> None:
+async def test_path_cannot_escape_the_tools_base_url(
+    tool, make_proxy: ProxyFactory, path: str
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))
     status, head = await raw_request(proxy, f"GET {path} HTTP/1.1")
@@ -214,7 +242,9 @@ async def test_at_sign_in_path_stays_on_the_tools_host(tool, make_proxy: ProxyFa
     assert seen.requests[-1]["host"] == f"{server.host}:{server.port}"
 
 
-async def test_policy_deny_is_403_and_never_reaches_the_tool(tool, make_proxy: ProxyFactory) -> None:
+async def test_policy_deny_is_403_and_never_reaches_the_tool(
+    tool, make_proxy: ProxyFactory
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))
     resp = await proxy.post("/tools/crm/contacts", json={"a": 1}, headers={"X-Agent-Id": "blocked"})
@@ -231,7 +261,7 @@ async def test_in_flight_call_finishes_during_graceful_shutdown(tool, make_confi
 
     from proxy.server import Server
 
-    server, seen = tool
+    server, _ = tool
     config = make_config(crm(server), listen={"port": 0}, admin={"port": 0})
     proxy = Server(config, grace_s=5)
     where = await proxy.start()

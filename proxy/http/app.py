@@ -19,7 +19,7 @@ from proxy.http.middleware import add_traceresponse, error_middleware
 from proxy.http.routes import handle_tool
 from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
-from proxy.store import store_from_config
+from proxy.store import purge_loop, store_from_config
 from proxy.tracing import journal_from_config, tracer_provider_from_config
 
 logger = logging.getLogger(__name__)
@@ -28,17 +28,6 @@ PURGE_INTERVAL_S = 60.0
 PROVIDER = web.AppKey("tracer_provider", TracerProvider)
 
 __all__ = ["build_admin_app", "build_app"]
-
-
-async def _purge_forever(deps: Deps, interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            purged = await deps.store.purge_expired()
-            if purged:
-                logger.info("purged %d expired idempotency records", purged)
-        except Exception:
-            logger.warning("purging expired records failed", exc_info=True)
 
 
 def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) -> web.Application:
@@ -60,7 +49,9 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG], app[METRICS]
     own_provider = PROVIDER not in app
-    provider = app[PROVIDER] if not own_provider else tracer_provider_from_config(config.tracing, metrics)
+    provider = (
+        app[PROVIDER] if not own_provider else tracer_provider_from_config(config.tracing, metrics)
+    )
     async with contextlib.AsyncExitStack() as stack:
         if own_provider:
             stack.callback(provider.shutdown)
@@ -74,7 +65,9 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         await journal.open()
         stack.push_async_callback(journal.close)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         stack.push_async_callback(session.close)
         deps = Deps(
             config=config,
@@ -86,12 +79,12 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
         )
         app[DEPS] = deps
-        purge = asyncio.create_task(_purge_forever(deps, PURGE_INTERVAL_S))
+        purge = asyncio.create_task(purge_loop(store, PURGE_INTERVAL_S))
         stack.callback(purge.cancel)
         logger.info(
             "handrail ready: engine=%s store=%s exporter=%s",
-            engine.name, config.store.url.split("://", 1)[0], config.tracing.exporter,
+            engine.name,
+            config.store.url.split("://", 1)[0],
+            config.tracing.exporter,
         )
         yield
-
-

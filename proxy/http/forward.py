@@ -6,7 +6,6 @@ and ``UpstreamTimeout``; nothing above this module sees an aiohttp client except
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
@@ -33,7 +32,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the proxy itself for the upstream hop, never taken from the agent.
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "idempotency-key", "traceparent", "tracestate"}
+_NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+}
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "server", "date"}
 
 _CHUNK = 64 * 1024
@@ -108,7 +113,7 @@ async def _body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.content.iter_chunked(_CHUNK):
             yield chunk
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise UpstreamTimeout("the tool did not finish its answer in time") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(f"the tool's answer broke off: {exc}") from exc
@@ -135,7 +140,7 @@ async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span |
             allow_redirects=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise UpstreamTimeout(
             f"tool {call.tool_name!r} did not answer within {call.tool.timeout_s:g}s"
         ) from exc

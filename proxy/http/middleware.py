@@ -42,11 +42,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        body = {"error": {"code": code, "message": exc.reason, "trace_id": trace_ids(request).trace_id}}
-        return web.json_response(body, status=exc.status, headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        body = {
+            "error": {"code": code, "message": exc.reason, "trace_id": trace_ids(request).trace_id}
+        }
+        return web.json_response(
+            body,
+            status=exc.status,
+            headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+        )
     except Exception:
         ids = trace_ids(request)
-        logger.exception("unexpected error handling %s %s", request.method, request.path, extra={"trace_id": ids.trace_id})
+        logger.exception(
+            "unexpected error handling %s %s",
+            request.method,
+            request.path,
+            extra={"trace_id": ids.trace_id},
+        )
         return error_response(request, HandrailError("the proxy failed unexpectedly; see its log"))
 
 

@@ -198,7 +198,9 @@ def tee(call: Call, chunk: bytes, keep: int) -> None:
         call.captured_body += chunk
 
 
-def identify(request: web.Request, tool_name: str, tool: ToolConfig, span: Span, parent: Context) -> Identity:
+def identify(
+    request: web.Request, tool_name: str, tool: ToolConfig, span: Span, parent: Context
+) -> Identity:
     ctx = span.get_span_context()
     key_header = request.headers.get("Idempotency-Key")
     try:

@@ -10,6 +10,7 @@ filtered as well. Bounded: least recently used sessions are forgotten first.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -45,7 +46,9 @@ class ToolCatalog:
         for target in targets:
             target.update(listed)
 
-    def lookup(self, server: str, session: str | None, name: str) -> tuple[bool, Annotations | None]:
+    def lookup(
+        self, server: str, session: str | None, name: str
+    ) -> tuple[bool, Annotations | None]:
         """``(known, annotations)``: known is false when no listing named the tool."""
         if session is not None:
             tools = self._sessions.get((server, session))
@@ -78,7 +81,9 @@ class ToolCatalog:
         while len(self._pending) > self.max_sessions:
             self._pending.popitem(last=False)
 
-    def is_list_answer(self, server: str, session: str | None, request_id: RequestId | None) -> bool:
+    def is_list_answer(
+        self, server: str, session: str | None, request_id: RequestId | None
+    ) -> bool:
         """Whether ``request_id`` was a tools/list request of this session (consumed once)."""
         ids = self._pending.get((server, session))
         if request_id is None or not ids:
@@ -103,3 +108,14 @@ class ToolCatalog:
 
 
 MCP_CATALOG = web.AppKey("mcp_catalog", ToolCatalog)
+_FALLBACK_CATALOGS: weakref.WeakKeyDictionary[web.Application, ToolCatalog] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def catalog(request: web.Request) -> ToolCatalog:
+    """The app's catalog (``MCP_CATALOG``), else one kept beside the app for its lifetime."""
+    app = request.app
+    if MCP_CATALOG in app:
+        return app[MCP_CATALOG]
+    return _FALLBACK_CATALOGS.setdefault(app, ToolCatalog())

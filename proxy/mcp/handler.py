@@ -14,12 +14,8 @@ proxy lists the tools itself once, in the agent's session, before deciding.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -29,15 +25,21 @@ from opentelemetry.trace import Span, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import pipeline
-from proxy.call import Call, McpCall, RunCounters, StoredResponse, Upstream
+from proxy.call import Call, McpCall, StoredResponse, Upstream
 from proxy.deps import Deps
-from proxy.errors import HandrailError, UpstreamTimeout, UpstreamUnavailable
-from proxy.http.forward import response_headers, upstream_headers, upstream_url
+from proxy.errors import HandrailError
+from proxy.http.forward import upstream_headers, upstream_url
 from proxy.http.routes import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
-from proxy.mcp.annotations import MCP_CATALOG, Annotations, ToolCatalog
-from proxy.mcp.render import render_error, render_invalid
-from proxy.policy.input import policy_input
+from proxy.mcp.annotations import Annotations, catalog
+from proxy.mcp.relay import (
+    SKIP_AUTO_HEADERS,
+    bare_call,
+    endpoint_path,
+    identity_encoding,
+    pass_through,
+)
+from proxy.mcp.render import json_response, render_error, render_invalid
 from proxy.tracing.attributes import JSONRPC_REQUEST_ID, MCP_METHOD_NAME, MCP_SESSION_ID
 
 logger = logging.getLogger(__name__)
@@ -45,58 +47,6 @@ logger = logging.getLogger(__name__)
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 MAX_LIST_PAGES = 20
-MAX_JSON_ANSWER = 32 * 1024 * 1024
-"""A tools/list answer read whole to be filtered is refused beyond this size."""
-DISCONNECT_POLL_S = 15.0
-"""An idle event stream checks this often whether the agent is still there."""
-
-_SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Content-Type")
-_FALLBACK_CATALOGS: weakref.WeakKeyDictionary[web.Application, ToolCatalog] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def catalog(request: web.Request) -> ToolCatalog:
-    """The app's catalog (``MCP_CATALOG``), else one kept beside the app for its lifetime."""
-    app = request.app
-    if MCP_CATALOG in app:
-        return app[MCP_CATALOG]
-    return _FALLBACK_CATALOGS.setdefault(app, ToolCatalog())
-
-
-def _json(status: int, payload: Any, headers: CIMultiDict[str] | None = None) -> web.Response:
-    out = CIMultiDict(headers or {})
-    out["Content-Type"] = "application/json"
-    return web.Response(status=status, body=jsonrpc.dumps(payload), headers=out)
-
-
-class _NoReply:
-    """For Calls that only carry a request's facts (headers, policy input), never answered."""
-
-    async def replay(self, call: Call, stored: StoredResponse) -> None:
-        raise NotImplementedError
-
-    async def stream(self, call: Call, upstream: Upstream) -> None:
-        raise NotImplementedError
-
-
-def _endpoint_path(ident: Identity) -> str:
-    """``/tools/{tool}`` is the MCP endpoint itself (no trailing slash); deeper paths append."""
-    return "" if ident.rest in ("", "/") else ident.rest
-
-
-def _bare_call(request: web.Request, ident: Identity, body: bytes, session: str | None) -> Call:
-    call = new_call(
-        request, ident, body=body, json_body=None, reply=_NoReply(), path=_endpoint_path(ident),
-        run_id=session,
-    )
-    _identity_encoding(call)
-    return call
-
-
-def _identity_encoding(call: Call) -> None:
-    """Answers the proxy must read (lists, SSE) come back uncompressed."""
-    call.headers = [(k, v) for k, v in call.headers if k.lower() != "accept-encoding"]
 
 
 async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.StreamResponse:
@@ -105,14 +55,14 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         ident.span.set_attribute(MCP_SESSION_ID, session)
     if request.method != "POST":
         ident.span.update_name(f"{request.method} {ident.tool_name}")
-        return await _pass_through(request, deps, ident, b"", None, session)
+        return await pass_through(request, deps, ident, b"", None, session)
     body = await read_body(request, ident.tool.max_body_bytes)
     try:
         parsed = jsonrpc.parse_body(body)
         _check_batch(parsed, request.headers.get(VERSION_HEADER))
     except jsonrpc.JsonRpcError as err:
         ident.span.set_attribute("handrail.error.code", "bad_request")
-        return _json(*render_invalid(err, ident.trace_id))
+        return json_response(*render_invalid(err, ident.trace_id))
     first = parsed.messages[0]
     if not parsed.batch and first.method is not None:
         ident.span.set_attribute(MCP_METHOD_NAME, first.method)
@@ -126,7 +76,7 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
     for message in parsed.requests:
         if message.method == "tools/list" and message.id is not None:
             catalog(request).expect_list(ident.tool_name, session, message.id)
-    return await _pass_through(request, deps, ident, body, parsed, session)
+    return await pass_through(request, deps, ident, body, parsed, session)
 
 
 def _check_batch(parsed: jsonrpc.Body, version: str | None) -> None:
@@ -162,7 +112,7 @@ async def _tools_call(
             "tools/call needs params.name (a string) and params.arguments (an object)",
             message.id,
         )
-        return _json(*render_invalid(err, ident.trace_id))
+        return json_response(*render_invalid(err, ident.trace_id))
     link_meta_context(ident.span, params)
     annotations = await _annotations(request, deps, ident, name, session)
     reply = McpReply(request, capture_limit(deps.config), message.id)
@@ -173,11 +123,11 @@ async def _tools_call(
         json_body=message.payload,
         reply=reply,
         method="POST",
-        path=_endpoint_path(ident),
+        path=endpoint_path(ident),
         mcp=McpCall(name, arguments or {}, annotations, message.id, session),
         run_id=session,
     )
-    _identity_encoding(call)
+    identity_encoding(call)
     try:
         await pipeline.run(call, deps)
     except HandrailError as exc:
@@ -186,7 +136,7 @@ async def _tools_call(
             if request.transport is not None:
                 request.transport.close()
             return reply.response
-        return _json(*render_error(exc, message.id, ident.trace_id))
+        return json_response(*render_error(exc, message.id, ident.trace_id))
     assert reply.response is not None
     return reply.response
 
@@ -257,14 +207,16 @@ class McpReply:
             if not found:
                 for event in parser.feed(chunk):
                     if _answers(jsonrpc.event_message(event), self.request_id):
+                        # The response message is the whole answer: once it is here the
+                        # record is complete, even if the agent hangs up on the rest.
                         tee(call, event.data.encode(), keep)
-                        found = True
+                        found = call.delivered = True
             if not client_gone:
                 try:
                     await response.write(chunk)
                 except (ConnectionError, RuntimeError):
                     client_gone = True  # keep reading: the record must be whole
-        call.delivered = found  # no response message: not replayable, and never re-run
+        # Without a response message the record stays incomplete: never replayed, never re-run.
         if not client_gone:
             await response.write_eof()
 
@@ -307,7 +259,7 @@ async def _list_tools(
     request: web.Request, deps: Deps, ident: Identity, session: str | None
 ) -> list[dict[str, Any]] | None:
     """Ask the server for its tools in the agent's session; ``None`` when that fails."""
-    call = _bare_call(request, ident, b"", session)
+    call = bare_call(request, ident, b"", session)
     call.idempotency_key = None
     url = upstream_url(ident.tool.upstream, call.path, call.query_string)
     timeout = aiohttp.ClientTimeout(total=ident.tool.timeout_s)
@@ -324,21 +276,33 @@ async def _list_tools(
                 message["params"] = {"cursor": cursor}
             try:
                 async with deps.session.post(
-                    url, data=jsonrpc.dumps(message), headers=headers, timeout=timeout,
-                    allow_redirects=False, skip_auto_headers=_SKIP_AUTO,
+                    url,
+                    data=jsonrpc.dumps(message),
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    skip_auto_headers=SKIP_AUTO_HEADERS,
                 ) as response:
                     raw = await response.read()
                     content_type = response.headers.get("Content-Type", "")
                     status = response.status
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                logger.warning("listing tools of %s failed: %s", ident.tool_name, exc,
-                               extra={"tool": ident.tool_name, "trace_id": ident.trace_id})
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                logger.warning(
+                    "listing tools of %s failed: %s",
+                    ident.tool_name,
+                    exc,
+                    extra={"tool": ident.tool_name, "trace_id": ident.trace_id},
+                )
                 return None
             answer = jsonrpc.response_in(raw, content_type, request_id) if status == 200 else None
             result = jsonrpc.loads(answer).get("result") if answer else None
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-                logger.warning("tools/list of %s gave no usable answer (HTTP %d)", ident.tool_name,
-                               status, extra={"tool": ident.tool_name, "trace_id": ident.trace_id})
+                logger.warning(
+                    "tools/list of %s gave no usable answer (HTTP %d)",
+                    ident.tool_name,
+                    status,
+                    extra={"tool": ident.tool_name, "trace_id": ident.trace_id},
+                )
                 return None
             tools += [t for t in result["tools"] if isinstance(t, dict)]
             next_cursor = result.get("nextCursor")
@@ -347,203 +311,3 @@ async def _list_tools(
             cursor = next_cursor
         span.set_attribute("handrail.mcp.tools", len(tools))
     return tools
-
-
-# -- tools/list filtering -------------------------------------------------------------
-
-
-class ListFilter:
-    """Rewrites tools/list answers: tools the policy's ``visible`` rule rejects are removed."""
-
-    def __init__(self, request: web.Request, deps: Deps, ident: Identity, session: str | None):
-        self.request, self.deps, self.ident, self.session = request, deps, ident, session
-        self.catalog = catalog(request)
-
-    async def message(self, obj: Any) -> Any | None:
-        """The rewritten message (or batch), or ``None`` when it is not a tools/list answer."""
-        if isinstance(obj, list):
-            rewritten = [await self.message(item) for item in obj]
-            if all(r is None for r in rewritten):
-                return None
-            return [new if new is not None else old for new, old in zip(rewritten, obj, strict=True)]
-        if not isinstance(obj, dict) or "method" in obj:
-            return None
-        result = obj.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-            return None
-        if not self.catalog.is_list_answer(self.ident.tool_name, self.session, obj.get("id")):
-            return None
-        tools = [t for t in result["tools"] if isinstance(t, dict)]
-        self.catalog.remember(self.ident.tool_name, self.session, tools)
-        try:
-            shown = await self.visible(tools)
-        except HandrailError as exc:
-            return render_error(exc, obj.get("id"), self.ident.trace_id)[1]
-        self.ident.span.set_attribute("handrail.mcp.tools.hidden", len(tools) - len(shown))
-        return {**obj, "result": {**result, "tools": shown}}
-
-    async def visible(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        base = _bare_call(self.request, self.ident, b"", self.session)
-        redact = self.deps.config.tracing.capture.redact
-        documents = []
-        for tool in tools:
-            name = tool.get("name")
-            annotations = tool.get("annotations")
-            mcp = McpCall(
-                name if isinstance(name, str) else "",
-                {},
-                annotations if isinstance(annotations, dict) else None,
-                None,
-                self.session,
-                method="tools/list",
-            )
-            call = dataclasses.replace(base, mcp=mcp)
-            documents.append(policy_input(call, RunCounters(), redact))
-        with self.deps.tracer.start_as_current_span("handrail.policy.visible"):
-            shown = await asyncio.gather(*(self.deps.engine.visible(d) for d in documents))
-        return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
-
-    async def event(self, event: jsonrpc.SseEvent) -> bytes:
-        rewritten = await self.message(jsonrpc.event_message(event))
-        if rewritten is None:
-            return event.raw
-        data = jsonrpc.dumps(rewritten).decode()
-        return jsonrpc.render_event(data, event=event.event, event_id=event.id)
-
-
-# -- pass-through ---------------------------------------------------------------------
-
-
-def _timeout(method: str, timeout_s: float) -> aiohttp.ClientTimeout:
-    if method == "GET":  # the server's event stream may stay open and quiet for hours
-        return aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=None)
-    return aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-
-
-async def _pass_through(
-    request: web.Request,
-    deps: Deps,
-    ident: Identity,
-    body: bytes,
-    parsed: jsonrpc.Body | None,
-    session: str | None,
-) -> web.StreamResponse:
-    single = parsed.messages[0] if parsed is not None and not parsed.batch else None
-    try:
-        return await _forward(request, deps, ident, body, session)
-    except HandrailError as exc:
-        if single is None or not single.is_request:
-            raise
-        return _json(*render_error(exc, single.id, ident.trace_id))
-
-
-async def _forward(
-    request: web.Request, deps: Deps, ident: Identity, body: bytes, session: str | None
-) -> web.StreamResponse:
-    call = _bare_call(request, ident, body, session)
-    url = upstream_url(ident.tool.upstream, call.path, call.query_string)
-    try:
-        upstream = await deps.session.request(
-            request.method, url, headers=upstream_headers(call, None), data=body or None,
-            timeout=_timeout(request.method, ident.tool.timeout_s), allow_redirects=False,
-            skip_auto_headers=_SKIP_AUTO,
-        )
-    except asyncio.TimeoutError as exc:
-        raise UpstreamTimeout(f"MCP server {ident.tool_name!r} did not answer in time") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"MCP server {ident.tool_name!r} is unreachable: {exc}") from exc
-    try:
-        headers = CIMultiDict(response_headers(list(upstream.headers.items())))
-        if request.method == "DELETE" and upstream.status < 300 and session:
-            catalog(request).forget(ident.tool_name, session)
-        content_type = upstream.headers.get("Content-Type", "").lower()
-        lists = ListFilter(request, deps, ident, session)
-        if content_type.startswith("text/event-stream"):
-            return await _relay_events(request, upstream, headers, lists)
-        if "json" in content_type and upstream.status == 200 and request.method == "POST":
-            raw = await _read_limited(upstream)
-            try:
-                rewritten = await lists.message(jsonrpc.loads(raw))
-            except ValueError:
-                rewritten = None
-            if rewritten is not None:
-                raw = jsonrpc.dumps(rewritten)
-            return web.Response(status=upstream.status, body=raw, headers=headers)
-        return await _relay_bytes(request, upstream, headers)
-    finally:
-        upstream.release()
-
-
-async def _read_limited(upstream: aiohttp.ClientResponse) -> bytes:
-    chunks, size = [], 0
-    try:
-        async for chunk in upstream.content.iter_any():
-            size += len(chunk)
-            if size > MAX_JSON_ANSWER:
-                raise UpstreamUnavailable("the MCP server's answer is too large to filter")
-            chunks.append(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise UpstreamUnavailable(f"the MCP server's answer broke off: {exc}") from exc
-    return b"".join(chunks)
-
-
-async def _chunks(request: web.Request, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The upstream body as it arrives; stops when the agent has gone away."""
-    while True:
-        try:
-            chunk = await asyncio.wait_for(upstream.content.readany(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if request.transport is None or request.transport.is_closing():
-                return
-            continue
-        if not chunk:
-            return
-        yield chunk
-
-
-async def _relay(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    transform: Callable[[bytes], Awaitable[bytes]] | None,
-    tail: Callable[[], bytes] | None,
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
-    try:
-        async for chunk in _chunks(request, upstream):
-            out = await transform(chunk) if transform is not None else chunk
-            if out:
-                await response.write(out)
-        if tail is not None and (rest := tail()):
-            await response.write(rest)
-        await response.write_eof()
-    except (ConnectionError, RuntimeError):
-        upstream.close()  # the agent left: drop the upstream stream too
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        if request.transport is not None:  # the server's stream broke: break the agent's
-            request.transport.close()
-    return response
-
-
-async def _relay_events(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    lists: ListFilter,
-) -> web.StreamResponse:
-    parser = jsonrpc.SseParser()
-
-    async def transform(chunk: bytes) -> bytes:
-        return b"".join([await lists.event(event) for event in parser.feed(chunk)])
-
-    return await _relay(request, upstream, headers, transform, lambda: parser.pending)
-
-
-async def _relay_bytes(
-    request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
-) -> web.StreamResponse:
-    if upstream.content_length is not None and upstream.content_length <= 256 * 1024:
-        body = await _read_limited(upstream)
-        return web.Response(status=upstream.status, body=body, headers=headers)
-    return await _relay(request, upstream, headers, None, None)

@@ -125,7 +125,9 @@ def parse_message(obj: Any) -> Message:
     has_result, has_error = "result" in obj, "error" in obj
     if has_result == has_error:
         raise JsonRpcError(
-            INVALID_REQUEST, 'a message needs "method", or exactly one of "result" and "error"', known_id
+            INVALID_REQUEST,
+            'a message needs "method", or exactly one of "result" and "error"',
+            known_id,
         )
     if raw_id is not None and known_id is None:
         raise JsonRpcError(INVALID_REQUEST, '"id" must be a string, an integer or null')
@@ -138,7 +140,9 @@ def parse_message(obj: Any) -> Message:
             or not isinstance(error.get("message"), str)
         ):
             raise JsonRpcError(
-                INVALID_REQUEST, '"error" must be an object with an integer code and a message', known_id
+                INVALID_REQUEST,
+                '"error" must be an object with an integer code and a message',
+                known_id,
             )
         return Message(MessageKind.ERROR, obj, id=known_id)
     if known_id is None:

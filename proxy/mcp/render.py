@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+from multidict import CIMultiDict
+
 from proxy.errors import (
     BadRequest,
     HandrailError,
@@ -24,6 +27,7 @@ from proxy.mcp.jsonrpc import (
     SERVER_ERROR,
     JsonRpcError,
     RequestId,
+    dumps,
     error_message,
     result_message,
 )
@@ -77,3 +81,8 @@ def render_invalid(err: JsonRpcError, trace_id: str | None) -> tuple[int, dict[s
     """A message that is not JSON-RPC: HTTP 400 with -32700 or -32600."""
     data = {"code": BadRequest.code, "message": err.message, "trace_id": trace_id}
     return 400, error_message(err.request_id, err.code, err.message, data)
+
+
+def json_response(status: int, payload: Any) -> web.Response:
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    return web.Response(status=status, body=dumps(payload), headers=headers)

@@ -37,6 +37,7 @@ EVAL_TIMEOUT_S = 1.0
 _ERROR_HEAD = re.compile(r"\(error (\d+):")
 _ERROR_AT = re.compile(r"\|(\d+)\|(\d+)")
 _ERROR_MSG = re.compile(r"\(errormsg (\d+):")
+_WITH_KEYWORD = re.compile(r"\bwith\s+[A-Za-z_][A-Za-z0-9_.\[\]\"]*\s+as\b")
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
 
 
@@ -174,6 +175,17 @@ def _defines(modules: dict[str, str], package: str, rule: str) -> bool:
     return False
 
 
+def _refuse_with(modules: dict[str, str]) -> None:
+    """regopy aborts the whole process compiling ``with`` over rules calling builtins."""
+    for name, source in modules.items():
+        for number, line in enumerate(source.splitlines(), 1):
+            if _WITH_KEYWORD.search(line.split("#", 1)[0]):
+                raise ConfigError(
+                    f"{name}:{number}: 'with ... as' is not supported in served policies by the "
+                    "embedded engine (regopy); keep it in *_test.rego files"
+                )
+
+
 def load_interpreter(files: PolicyFiles) -> Any:
     """An interpreter holding every module and the data: raises ConfigError on a bad module."""
     interpreter = _new_interpreter()
@@ -198,6 +210,7 @@ def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
     if not _defines(files.modules, dotted, rule):
         raise ConfigError(f"{root}: no rule {rule!r} in package {dotted or '(none)'}")
     visible = f"{package}/visible" if _defines(files.modules, dotted, "visible") else None
+    _refuse_with(files.modules)
     interpreter = load_interpreter(files)
     entrypoints = [entrypoint] if visible is None else [entrypoint, visible]
     try:
@@ -231,7 +244,11 @@ def node_value(node: Any) -> Any:
     if kind == NodeKind.Float:
         return float(rs.rego_node_value(node))
     if kind in (NodeKind.Boolean, NodeKind.True_, NodeKind.False_):
-        return rs.rego_node_value(node) == "true" if kind == NodeKind.Boolean else kind == NodeKind.True_
+        return (
+            rs.rego_node_value(node) == "true"
+            if kind == NodeKind.Boolean
+            else kind == NodeKind.True_
+        )
     if kind == NodeKind.Null:
         return None
     size = rs.rego_node_size(node)

@@ -69,7 +69,7 @@ def _skip_balanced(text: str, i: int) -> int:
     i += 1
     while i < len(text) and stack:
         char = text[i]
-        if char in "\"`":
+        if char in '"`':
             i = _skip_string(text, i)
             continue
         if char == "#":
@@ -90,7 +90,7 @@ def _term_end(text: str, i: int) -> int:
         return i
     if text[i] in "{[(":
         return _skip_balanced(text, i)
-    if text[i] in "\"`":
+    if text[i] in '"`':
         return _skip_string(text, i)
     match = _IDENT.match(text, i) or re.compile(r"-?[0-9][0-9.eE+-]*").match(text, i)
     if match is None:
@@ -122,7 +122,7 @@ def lift_inputs(source: str) -> tuple[str, dict[str, set[str]], dict[str, list[s
     i = start = 0
     while i < len(source):
         char = source[i]
-        if char in "\"`":
+        if char in '"`':
             i = _skip_string(source, i)
             continue
         if char == "#":
@@ -179,8 +179,6 @@ def _prepare(files: PolicyFiles) -> tuple[PolicyFiles, list[_Test], dict[tuple[s
             seen.add(rule)
             tests.append(_Test(package, rule, inputs.get(rule, set()), problems.get(rule, [])))
     return PolicyFiles(modules, files.data, files.revision), tests, input_rules
-
-
 
 
 def run_policy_tests(root: Path, entrypoint: str) -> list[TestResult]:

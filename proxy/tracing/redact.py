@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -38,6 +39,21 @@ _MIN_SECRET_LEN = 4
 def _words(key: str) -> tuple[str, ...]:
     spaced = _CAMEL.sub(r"\1_\2", key).lower()
     return tuple(w for w in _SEPARATORS.split(spaced) if w)
+
+
+@lru_cache(maxsize=4096)
+def _is_secret_key(terms: tuple[tuple[str, ...], ...], key: str) -> bool:
+    words = _words(key)
+    if not words:
+        return False
+    compact = "".join(words)
+    for term in terms:
+        n = len(term)
+        if compact == "".join(term):
+            return True
+        if any(words[i : i + n] == term for i in range(len(words) - n + 1)):
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +79,7 @@ class Redactor:
         return cls(terms, tuple(sorted(found, key=len, reverse=True)))
 
     def is_secret_key(self, key: object) -> bool:
-        words = _words(str(key))
-        if not words:
-            return False
-        compact = "".join(words)
-        for term in self.terms:
-            n = len(term)
-            if compact == "".join(term):
-                return True
-            if any(words[i : i + n] == term for i in range(len(words) - n + 1)):
-                return True
-        return False
+        return _is_secret_key(self.terms, str(key))
 
     def value(self, value: Any) -> Any:
         """A copy of a JSON-like value with every secret key's value replaced, at any depth."""
@@ -84,7 +90,8 @@ class Redactor:
         if isinstance(value, list | tuple):
             return [self.value(v) for v in value]
         if isinstance(value, str):
-            return self.scrub_secrets(value)
+            # A string may hold a document of its own (an MCP text result, an echoed body).
+            return self.text(value) if ("=" in value or ":" in value) else self.scrub_secrets(value)
         return value
 
     def scrub_secrets(self, text: str) -> str:
@@ -98,6 +105,8 @@ class Redactor:
         """Scrub text that is not a parsed document: ``"key": value`` and ``key=value``."""
         if self.terms:
             text = _JSON_PAIR.sub(self._json_pair, text)
+            if '\\"' in text:
+                text = _ESCAPED_JSON_PAIR.sub(self._escaped_json_pair, text)
             text = _FORM_PAIR.sub(self._form_pair, text)
         return self.scrub_secrets(text)
 
@@ -105,6 +114,11 @@ class Redactor:
         if not self.is_secret_key(match.group("key")):
             return match.group(0)
         return f'{match.group("head")}"{REDACTED}"'
+
+    def _escaped_json_pair(self, match: re.Match[str]) -> str:
+        if not self.is_secret_key(match.group("key")):
+            return match.group(0)
+        return f'{match.group("head")}\\"{REDACTED}\\"'
 
     def _form_pair(self, match: re.Match[str]) -> str:
         if not self.is_secret_key(match.group("key")):
@@ -116,6 +130,11 @@ class Redactor:
 _JSON_PAIR = re.compile(
     r'(?P<head>"(?P<key>(?:[^"\\]|\\.){1,200})"\s*:\s*)'
     r'(?P<value>"(?:[^"\\]|\\.)*(?:"|$)|[^\s,}\]]+)'
+)
+# the same, inside a JSON string: \"key\": \"value\"
+_ESCAPED_JSON_PAIR = re.compile(
+    r'(?P<head>\\"(?P<key>[^"\\]{1,200})\\"\s*:\s*)'
+    r'(?P<value>\\"(?:[^"\\]|\\[^"])*(?:\\"|$)|[^\s,}\]\\]+)'
 )
 # key=value in a query string or form body
 _FORM_PAIR = re.compile(
