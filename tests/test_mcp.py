@@ -142,6 +142,19 @@ async def test_identical_retry_is_replayed_without_running_twice(
     assert mcp_server.executions["send_email"] == 1
 
 
+async def test_read_only_tools_can_skip_the_key(
+    make_proxy: ProxyFactory, mcp_server: McpServer
+) -> None:
+    tool = {"upstream": mcp_server.url, "kind": "mcp", "idempotency": {"exempt_read_only": True}}
+    proxy = await make_proxy({"mcp": tool})
+    async with connect(endpoint(proxy)) as session:
+        await session.call_tool("echo", {"text": "again"})
+        await session.call_tool("echo", {"text": "again"})
+        await session.call_tool("send_email", {"to": "a@example.com", "body": "x"})
+        await session.call_tool("send_email", {"to": "a@example.com", "body": "x"})
+    assert (mcp_server.executions["echo"], mcp_server.executions["send_email"]) == (2, 1)
+
+
 async def post(proxy: TestClient, message: Any, session: str | None = None) -> tuple[int, Any, Any]:
     headers = dict(ACCEPT)
     if session:
@@ -259,7 +272,9 @@ async def test_meta_traceparent_links_the_call_span(
     agent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     meta = {"traceparent": f"00-{agent_trace}-00f067aa0ba902b7-01"}
     params = {"name": "echo", "arguments": {"text": "x"}, "_meta": meta}
-    await post(proxy, {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, session)
+    await post(
+        proxy, {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, session
+    )
     span = await finished_span(spans, "execute_tool mcp.echo")
     assert [format(link.context.trace_id, "032x") for link in span.links] == [agent_trace]
 
@@ -311,4 +326,3 @@ async def test_call_span_carries_the_mcp_attributes(
     assert attrs["mcp.session.id"] == attrs["session.id"]
     assert attrs["jsonrpc.request.id"] == attrs["gen_ai.tool.call.id"]
     assert attrs["handrail.decision"] == "allow"
-

@@ -476,7 +476,7 @@ async def test_shipped_policies_copy_serves_the_demo_decisions(tmp_path: Path) -
 
 
 async def test_with_in_a_served_module_is_refused_not_a_crash(tmp_path: Path) -> None:
-    source = ALLOW_ALL + "\nx := count(input.l)\n\ny := x with input as {\"l\": [1]}\n"
+    source = ALLOW_ALL + '\nx := count(input.l)\n\ny := x with input as {"l": [1]}\n'
     engine = EmbeddedEngine(policy_path(tmp_path, source), "handrail/decision", watch=False)
     with pytest.raises(ConfigError, match=r"handrail\.rego:9: 'with \.\.\. as' is not supported"):
         await engine.start()

@@ -17,6 +17,7 @@ from proxy.http.admin import build_admin_app
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import add_traceresponse, error_middleware
 from proxy.http.routes import handle_tool
+from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
 from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
@@ -37,6 +38,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
     metrics = Metrics()
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[MCP_CATALOG] = ToolCatalog()
     if tracer_provider is not None:
         app[PROVIDER] = tracer_provider
     app.cleanup_ctx.append(_backends)

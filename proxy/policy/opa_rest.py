@@ -8,6 +8,7 @@ timed out, 5xx, not JSON, undefined) raises ``PolicyUnavailable``: the proxy fai
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -74,7 +75,7 @@ class OpaEngine:
         if len(raw) > _MAX_BODY:
             raise PolicyUnavailable(f"OPA's answer for data/{path} is too large")
         try:
-            body = _json_loads(raw)
+            body = json.loads(raw)
         except ValueError:
             raise PolicyUnavailable(f"OPA's answer for data/{path} is not JSON") from None
         if not isinstance(body, dict):
@@ -122,8 +123,3 @@ class OpaEngine:
     def status(self) -> EngineStatus:
         return self._status
 
-
-def _json_loads(raw: bytes) -> Any:
-    import json
-
-    return json.loads(raw)
