@@ -52,6 +52,9 @@ class IdempotencyConfig(_Model):
     """Responses up to this size are kept for replay; larger ones keep only their record."""
     exempt_read_only: bool = False
     """MCP: skip keys for tools whose annotations say ``readOnlyHint``."""
+    lease_margin_s: float = Field(5.0, ge=0)
+    """A claimed key outlives the tool's timeout by this much before another proxy may take
+    it over (the holder crashed)."""
 
 
 class ToolConfig(_Model):

@@ -132,7 +132,6 @@ async def _demo(out: TextIO) -> int:
     def p(line: str = "") -> None:
         print(line, file=out, flush=True)
 
-
     p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}{{crm,payments}}")
     p(f"Policies from {config.policy.path}")
     p(f"The agent 'demo-agent' runs '{run_id}'; every call goes through the proxy.\n")

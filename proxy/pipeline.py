@@ -34,9 +34,6 @@ from proxy.tracing.attributes import record_span
 
 logger = logging.getLogger(__name__)
 
-LEASE_MARGIN_S = 5.0
-"""A claimed key outlives the tool's timeout by this much before another proxy may take it."""
-
 REPLAYED_HEADERS_DROP = frozenset({"date", "server", "content-length", "transfer-encoding"})
 
 
@@ -52,10 +49,12 @@ async def run(call: Call, deps: Deps) -> None:
         call.error = exc
         raise
     finally:
-        if call.upstream is not None:
-            call.upstream.release()
-        await asyncio.shield(settle_key(call, deps))
-        record(call, deps)
+        try:
+            if call.upstream is not None:
+                call.upstream.release()
+            await asyncio.shield(settle_key(call, deps))
+        finally:
+            record(call, deps)
 
 
 def prepare_key(call: Call) -> None:
@@ -141,7 +140,7 @@ async def claim_key(call: Call, deps: Deps) -> None:
             call.tool_name,
             key,
             call.fingerprint,
-            lease_s=call.tool.timeout_s + LEASE_MARGIN_S,
+            lease_s=call.tool.timeout_s + idem.lease_margin_s,
             ttl_s=idem.ttl_s,
         )
         call.timings.store_s += time.perf_counter() - started
@@ -186,6 +185,9 @@ async def forward(call: Call, deps: Deps) -> None:
     finally:
         call.timings.upstream_s = time.perf_counter() - started
     span.set_attribute("http.response.status_code", call.upstream.status)
+    if call.upstream.status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+        span.set_attribute("error.type", str(call.upstream.status))
 
 
 async def check_result(call: Call, deps: Deps) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.http.app import build_admin_app, build_app
+from proxy.tracing import describe_exporter
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,7 @@ async def serve(config: Config, announce: Callable[[str], None]) -> None:
         loop.add_signal_handler(sig, stop.set)
     where = await server.start()
     tools = ", ".join(f"{n} ({t.kind})" for n, t in config.tools.items()) or "none"
-    exporter: str = config.tracing.exporter
-    if exporter == "otlp":
-        endpoint = config.tracing.endpoint or "(OTEL_EXPORTER_OTLP_* env)"
-        exporter += f" {config.tracing.protocol} {endpoint}"
+    exporter = describe_exporter(config.tracing)
     policy = config.policy
     engine_at = policy.path if policy.engine == "embedded" else policy.opa.url
     announce(

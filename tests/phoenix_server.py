@@ -43,7 +43,12 @@ def running_phoenix(working_dir: Path) -> Iterator[str]:
     }
     log = (working_dir / "phoenix.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from phoenix.server.main import main; sys.exit(main())", "serve"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from phoenix.server.main import main; sys.exit(main())",
+            "serve",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

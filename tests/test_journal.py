@@ -91,11 +91,8 @@ JournalFactory = Callable[..., Any]
 async def make_journal(store_url: str) -> AsyncIterator[JournalFactory]:
     opened: list[SqlJournal] = []
 
-    async def make(metrics: Metrics | None = None, **options: Any) -> SqlJournal:
-        config = config_for(store_url, **options.pop("tracing", {}))
-        journal = journal_from_config(config, metrics or Metrics())
-        for name, value in options.items():
-            setattr(journal, f"_{name}", value)
+    async def make(**tracing: Any) -> SqlJournal:
+        journal = journal_from_config(config_for(store_url, **tracing), Metrics())
         await journal.open()
         opened.append(journal)
         return journal
@@ -137,7 +134,7 @@ async def test_many_calls_are_written_in_batches_and_all_land(make_journal: Jour
         batches.append(len(rows))
         await insert(rows)
 
-    journal.db.insert = counting  # type: ignore[method-assign]
+    journal.db.insert = counting
     for i in range(1000):
         journal.append(_call(path=f"/c/{i}"))
     await journal.flush()
@@ -149,8 +146,12 @@ async def test_many_calls_are_written_in_batches_and_all_land(make_journal: Jour
 async def test_a_row_holds_the_calls_facts(make_journal: JournalFactory) -> None:
     journal = await make_journal()
     call = _call(
-        run="r-9", idempotency_key="k-1", replayed=True, body=b'{"password": "x", "n": 1}',
-        captured_body=bytearray(b'{"ok": true}'), query_string="a=1&token=zzz",
+        run="r-9",
+        idempotency_key="k-1",
+        replayed=True,
+        body=b'{"password": "x", "n": 1}',
+        captured_body=bytearray(b'{"ok": true}'),
+        query_string="a=1&token=zzz",
     )
     journal.append(call)
     await journal.flush()
@@ -167,13 +168,18 @@ async def test_a_row_holds_the_calls_facts(make_journal: JournalFactory) -> None
     assert row["time"].endswith("Z")
 
 
-async def test_a_denied_call_keeps_its_decision_reasons_and_error(make_journal: JournalFactory) -> None:
+async def test_a_denied_call_keeps_its_decision_reasons_and_error(
+    make_journal: JournalFactory,
+) -> None:
     journal = await make_journal()
     journal.append(_call(allow=False))
     await journal.flush()
     (row,) = await journal.query(CallQuery())
     assert (row["decision"], row["reasons"], row["status"], row["error"]) == (
-        "deny", ["not today"], 403, "policy_denied"
+        "deny",
+        ["not today"],
+        403,
+        "policy_denied",
     )
 
 
@@ -198,8 +204,10 @@ async def test_query_filters_by_run_tool_decision_and_since(make_journal: Journa
     assert await count(limit=2) == 2
 
 
-async def test_retention_purges_old_rows_and_keeps_at_most_max_rows(make_journal: JournalFactory) -> None:
-    journal = await make_journal(tracing={"journal": {"retention_days": 1, "max_rows": 5}})
+async def test_retention_purges_old_rows_and_keeps_at_most_max_rows(
+    make_journal: JournalFactory,
+) -> None:
+    journal = await make_journal(journal={"retention_days": 1, "max_rows": 5})
     for age_days in (3, 2):
         call = _call(path=f"/old/{age_days}")
         call.timings.started_wall = time.time() - age_days * 86400
@@ -272,7 +280,9 @@ async def test_close_writes_what_is_queued(store_url: str) -> None:
 async def test_schema_version_is_recorded_beside_the_stores(tmp_path: Path) -> None:
     path = tmp_path / "handrail.db"
     with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE handrail_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        db.execute(
+            "CREATE TABLE handrail_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
         db.execute("INSERT INTO handrail_schema VALUES ('store', 7)")
     journal = journal_from_config(config_for(f"sqlite:///{path}"), Metrics())
     await journal.open()
@@ -319,48 +329,95 @@ async def _record(url: str, calls: list[Any]) -> None:
 async def test_calls_command_prints_a_table_oldest_first(store_url: str) -> None:
     first = _call(run="r-5", path="/contacts/1")
     first.timings.started_wall -= 1
-    await _record(store_url, [first, _call(run="r-5", allow=False, method="DELETE"), _call(run="r-6")])
+    await _record(
+        store_url, [first, _call(run="r-5", allow=False, method="DELETE"), _call(run="r-6")]
+    )
     out = io.StringIO()
     code = await asyncio.to_thread(
-        calls_command, config_for(store_url), run="r-5", tool=None, decision=None, since=None,
-        limit=50, as_json=False, out=out,
+        calls_command,
+        config_for(store_url),
+        run="r-5",
+        tool=None,
+        decision=None,
+        since=None,
+        limit=50,
+        as_json=False,
+        out=out,
     )
     lines = out.getvalue().splitlines()
     assert code == 0
-    assert lines[0].split() == ["TIME", "RUN", "AGENT", "CALL", "REQUEST", "DECISION", "STATUS", "MS", "NOTE"]
+    assert lines[0].split() == [
+        "TIME",
+        "RUN",
+        "AGENT",
+        "CALL",
+        "REQUEST",
+        "DECISION",
+        "STATUS",
+        "MS",
+        "NOTE",
+    ]
     assert len(lines) == 3
     assert "POST /contacts/1" in lines[1] and "allow" in lines[1] and "200" in lines[1]
-    assert "DELETE" in lines[2] and "deny" in lines[2] and "403" in lines[2] and "not today" in lines[2]
+    assert (
+        "DELETE" in lines[2]
+        and "deny" in lines[2]
+        and "403" in lines[2]
+        and "not today" in lines[2]
+    )
 
 
 async def test_calls_command_json_is_an_array_for_scripts(store_url: str) -> None:
     await _record(store_url, [_call(run="r-7"), _call(run="r-7", allow=False)])
     out = io.StringIO()
     code = await asyncio.to_thread(
-        calls_command, config_for(store_url), run="r-7", tool=None, decision="deny", since="10m",
-        limit=50, as_json=True, out=out,
+        calls_command,
+        config_for(store_url),
+        run="r-7",
+        tool=None,
+        decision="deny",
+        since="10m",
+        limit=50,
+        as_json=True,
+        out=out,
     )
     rows = json.loads(out.getvalue())
     assert code == 0
-    assert [(r["run"], r["decision"], r["reasons"]) for r in rows] == [("r-7", "deny", ["not today"])]
+    assert [(r["run"], r["decision"], r["reasons"]) for r in rows] == [
+        ("r-7", "deny", ["not today"])
+    ]
 
 
 def test_calls_command_on_a_fresh_install_lists_nothing_and_creates_nothing(tmp_path: Path) -> None:
     out = io.StringIO()
     path = tmp_path / "none" / "handrail.db"
     code = calls_command(
-        config_for(f"sqlite:///{path}"), run=None, tool=None, decision=None, since=None,
-        limit=10, as_json=False, out=out,
+        config_for(f"sqlite:///{path}"),
+        run=None,
+        tool=None,
+        decision=None,
+        since=None,
+        limit=10,
+        as_json=False,
+        out=out,
     )
     assert code == 0
     assert out.getvalue() == "no calls recorded\n"
     assert not path.exists()
 
 
-def test_calls_command_rejects_a_bad_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calls_command_rejects_a_bad_since(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = calls_command(
-        config_for(f"sqlite:///{tmp_path}/h.db"), run=None, tool=None, decision=None,
-        since="yesterday-ish", limit=10, as_json=False, out=io.StringIO(),
+        config_for(f"sqlite:///{tmp_path}/h.db"),
+        run=None,
+        tool=None,
+        decision=None,
+        since="yesterday-ish",
+        limit=10,
+        as_json=False,
+        out=io.StringIO(),
     )
     assert code == 2
     assert "--since" in capsys.readouterr().err

@@ -88,7 +88,7 @@ async def finished_span(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
             (span,) = found
             return span
         await anyio.sleep(0.01)
-    raise AssertionError(f"no finished span named {name!r}")
+    raise AssertionError(f"no finished span named {name!r}: {[s.name for s in spans.get_finished_spans()]}")
 
 
 def text_of(result: Any) -> str:
@@ -155,8 +155,13 @@ async def test_read_only_tools_can_skip_the_key(
     assert (mcp_server.executions["echo"], mcp_server.executions["send_email"]) == (2, 1)
 
 
-async def post(proxy: TestClient, message: Any, session: str | None = None) -> tuple[int, Any, Any]:
-    headers = dict(ACCEPT)
+async def post(
+    proxy: TestClient,
+    message: Any,
+    session: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
+    headers = {**ACCEPT, **(headers or {})}
     if session:
         headers["Mcp-Session-Id"] = session
         headers["MCP-Protocol-Version"] = "2025-11-25"
@@ -265,7 +270,7 @@ async def test_delete_ends_the_session_upstream(proxy: TestClient) -> None:
     assert status == 404
 
 
-async def test_meta_traceparent_links_the_call_span(
+async def test_meta_traceparent_parents_the_call_span(
     proxy: TestClient, spans: InMemorySpanExporter
 ) -> None:
     session = await raw_session(proxy)
@@ -276,7 +281,26 @@ async def test_meta_traceparent_links_the_call_span(
         proxy, {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, session
     )
     span = await finished_span(spans, "execute_tool mcp.echo")
-    assert [format(link.context.trace_id, "032x") for link in span.links] == [agent_trace]
+    assert format(span.context.trace_id, "032x") == agent_trace
+    assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+
+
+async def test_meta_traceparent_of_another_trace_is_linked(
+    proxy: TestClient, spans: InMemorySpanExporter
+) -> None:
+    session = await raw_session(proxy)
+    header_trace, meta_trace = "4bf92f3577b34da6a3ce929d0e0e4736", "5cf92f3577b34da6a3ce929d0e0e4737"
+    meta = {"traceparent": f"00-{meta_trace}-00f067aa0ba902b7-01"}
+    params = {"name": "echo", "arguments": {"text": "x"}, "_meta": meta}
+    await post(
+        proxy,
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params},
+        session,
+        headers={"traceparent": f"00-{header_trace}-00f067aa0ba902b8-01"},
+    )
+    span = await finished_span(spans, "execute_tool mcp.echo")
+    assert format(span.context.trace_id, "032x") == header_trace
+    assert [format(link.context.trace_id, "032x") for link in span.links] == [meta_trace]
 
 
 async def test_json_answering_server_is_guarded_too(make_proxy: ProxyFactory) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -105,13 +106,17 @@ def test_keys_containing_a_secret_word_are_redacted(key: str) -> None:
     assert redactor().is_secret_key(key)
 
 
-@pytest.mark.parametrize("key", ["max_tokens", "user", "tokenizer", "secretary_name", "passwords_seen"])
+@pytest.mark.parametrize(
+    "key", ["max_tokens", "user", "tokenizer", "secretary_name", "passwords_seen"]
+)
 def test_keys_that_merely_resemble_a_secret_word_are_kept(key: str) -> None:
     assert not redactor().is_secret_key(key)
 
 
 def test_configured_tool_credentials_are_scrubbed_even_when_echoed() -> None:
-    body = json.dumps({"got": {"headers": {"X-Auth": "Bearer tool-s3cret-value"}, "note": "tool-s3cret-value"}})
+    body = json.dumps(
+        {"got": {"headers": {"X-Auth": "Bearer tool-s3cret-value"}, "note": "tool-s3cret-value"}}
+    )
     out = capture_body(body.encode(), redactor("Bearer tool-s3cret-value"), 10_000)
     assert "tool-s3cret-value" not in out
     assert out.count(REDACTED) == 2
@@ -134,7 +139,9 @@ def test_json_inside_a_json_string_is_redacted_whole_or_cut(cut: int | str | Non
 
 def test_form_and_event_stream_bodies_are_redacted() -> None:
     form = capture_body(b"user=ada&password=hunter2&x=1", redactor(), 10_000)
-    sse = capture_body(b'event: message\ndata: {"jsonrpc":"2.0","token":"abc123"}\n\n', redactor(), 10_000)
+    sse = capture_body(
+        b'event: message\ndata: {"jsonrpc":"2.0","token":"abc123"}\n\n', redactor(), 10_000
+    )
     assert form == f"user=ada&password={REDACTED}&x=1"
     assert "abc123" not in sse and REDACTED in sse
 
@@ -195,7 +202,9 @@ def test_allowed_call_span_has_the_contract_attributes() -> None:
 
 
 def test_denied_call_is_a_decision_with_reasons_not_an_error() -> None:
-    decision = Decision(allow=False, reasons=("amount over limit", "after hours"), decision_id="d-9")
+    decision = Decision(
+        allow=False, reasons=("amount over limit", "after hours"), decision_id="d-9"
+    )
     error = PolicyDenied("denied by policy", reasons=list(decision.reasons), decision_id="d-9")
     span = finished_span(make_call(decision=decision, error=error))
     attrs = dict(span.attributes or {})
@@ -209,7 +218,10 @@ def test_denied_call_is_a_decision_with_reasons_not_an_error() -> None:
 
 @pytest.mark.parametrize(
     ("error", "code"),
-    [(UpstreamTimeout("too slow"), "upstream_timeout"), (UpstreamUnavailable("refused"), "upstream_unavailable")],
+    [
+        (UpstreamTimeout("too slow"), "upstream_timeout"),
+        (UpstreamUnavailable("refused"), "upstream_unavailable"),
+    ],
 )
 def test_upstream_failures_set_error_status_and_type(error: Exception, code: str) -> None:
     span = finished_span(make_call(decision=Decision(allow=True), error=error))
@@ -265,7 +277,9 @@ def test_resource_names_the_service_and_the_phoenix_project() -> None:
     assert attrs["openinference.project.name"] == "agents"
 
 
-def test_otel_service_name_applies_when_the_config_sets_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_otel_service_name_applies_when_the_config_sets_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
     attrs = tracer_provider_from_config(TracingConfig(), Metrics()).resource.attributes
     assert attrs["service.name"] == "from-env"
@@ -292,7 +306,9 @@ def test_http_endpoint_base_url_gets_the_traces_path(endpoint: str, expected: st
     assert http_traces_endpoint(endpoint) == expected
 
 
-def test_unset_endpoint_leaves_the_otel_variables_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unset_endpoint_leaves_the_otel_variables_in_charge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://10.1.2.3:4318")
     exporter = otlp_exporter(TracingConfig(exporter="otlp"))
     assert exporter._endpoint == "http://10.1.2.3:4318/v1/traces"  # type: ignore[attr-defined]
@@ -300,7 +316,9 @@ def test_unset_endpoint_leaves_the_otel_variables_in_charge(monkeypatch: pytest.
 
 
 def test_grpc_protocol_builds_the_grpc_exporter() -> None:
-    exporter = otlp_exporter(TracingConfig(exporter="otlp", protocol="grpc", endpoint="http://127.0.0.1:4317"))
+    exporter = otlp_exporter(
+        TracingConfig(exporter="otlp", protocol="grpc", endpoint="http://127.0.0.1:4317")
+    )
     assert "grpc" in type(exporter).__module__
     exporter.shutdown()
 
@@ -314,7 +332,9 @@ def dead_endpoint_provider() -> Iterator[tuple[TracerProvider, Metrics]]:
     provider.shutdown()
 
 
-def test_dead_otlp_endpoint_never_slows_span_creation(dead_endpoint_provider: tuple[TracerProvider, Metrics]) -> None:
+def test_dead_otlp_endpoint_never_slows_span_creation(
+    dead_endpoint_provider: tuple[TracerProvider, Metrics],
+) -> None:
     provider, _ = dead_endpoint_provider
     tracer = provider.get_tracer("t")
     started = time.perf_counter()
@@ -337,11 +357,43 @@ def test_dead_otlp_endpoint_shutdown_is_bounded_and_drops_are_counted(
     assert dropped(metrics, "otlp") == 200
 
 
+def test_dropped_spans_are_warned_about_once_not_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    exporter = otlp_exporter(
+        TracingConfig(exporter="otlp", endpoint=f"http://127.0.0.1:{closed_port()}")
+    )
+    processor = ExportProcessor(
+        exporter,
+        metrics,
+        max_export_batch_size=5,
+        schedule_delay_millis=10_000,
+        shutdown_budget_s=0.3,
+    )
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    with caplog.at_level(logging.WARNING, logger="proxy.tracing.setup"):
+        for i in range(50):
+            provider.get_tracer("t").start_span(f"s{i}").end()
+        provider.shutdown()
+    warnings = [r for r in caplog.records if r.name == "proxy.tracing.setup"]
+    assert dropped(metrics, "otlp") == 50
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "dropped" in warnings[0].getMessage()
+
+
 def test_a_full_export_queue_drops_and_counts_every_span() -> None:
     metrics = Metrics()
-    exporter = otlp_exporter(TracingConfig(exporter="otlp", endpoint=f"http://127.0.0.1:{closed_port()}"))
+    exporter = otlp_exporter(
+        TracingConfig(exporter="otlp", endpoint=f"http://127.0.0.1:{closed_port()}")
+    )
     processor = ExportProcessor(
-        exporter, metrics, max_queue_size=20, max_export_batch_size=10, schedule_delay_millis=50,
+        exporter,
+        metrics,
+        max_queue_size=20,
+        max_export_batch_size=10,
+        schedule_delay_millis=50,
         shutdown_budget_s=0.5,
     )
     provider = TracerProvider()
@@ -372,9 +424,13 @@ async def test_live_otlp_endpoint_receives_the_spans(aiohttp_server: Any) -> Non
     provider.get_tracer("t").start_span("execute_tool crm").end()
     await asyncio.to_thread(provider.force_flush)
     await asyncio.to_thread(provider.shutdown)
-    spans = [s for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    spans = [
+        s for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+    ]
     assert [s.name for s in spans] == ["execute_tool crm"]
-    resource = {a.key: a.value.string_value for a in received[0].resource_spans[0].resource.attributes}
+    resource = {
+        a.key: a.value.string_value for a in received[0].resource_spans[0].resource.attributes
+    }
     assert resource["openinference.project.name"] == "p1"
     assert dropped(metrics, "otlp") == 0
 
@@ -396,7 +452,8 @@ async def test_proxy_call_span_is_a_child_of_the_agents_traceparent(
     server, _ = tool
     proxy = await make_proxy(_crm(server))
     resp = await proxy.post(
-        "/tools/crm/contacts", json={"name": "Ada"},
+        "/tools/crm/contacts",
+        json={"name": "Ada"},
         headers={"traceparent": TRACEPARENT, "X-Agent-Id": "sales-bot", "X-Run-Id": "r-1"},
     )
     assert resp.status == 200
@@ -405,7 +462,11 @@ async def test_proxy_call_span_is_a_child_of_the_agents_traceparent(
     assert call.kind is SpanKind.SERVER
     assert format(call.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
     assert call.parent is not None and format(call.parent.span_id, "016x") == "b7ad6b7169203331"
-    children = [s for s in spans.get_finished_spans() if s.parent and s.parent.span_id == call.context.span_id]
+    children = [
+        s
+        for s in spans.get_finished_spans()
+        if s.parent and s.parent.span_id == call.context.span_id
+    ]
     assert {s.name for s in children} >= {"handrail.policy", "handrail.idempotency", "POST"}
     assert resp.headers["traceresponse"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
     attrs = dict(call.attributes or {})
@@ -434,7 +495,9 @@ async def test_proxy_replayed_call_span_says_replayed(
     server, seen = tool
     proxy = await make_proxy(_crm(server))
     for _ in range(2):
-        resp = await proxy.post("/tools/crm/orders", json={"sku": "a"}, headers={"Idempotency-Key": "order-1"})
+        resp = await proxy.post(
+            "/tools/crm/orders", json={"sku": "a"}, headers={"Idempotency-Key": "order-1"}
+        )
         assert resp.status == 200
     calls = [s for s in spans.get_finished_spans() if s.name == "execute_tool crm"]
     assert [(s.attributes or {})["handrail.idempotency.replayed"] for s in calls] == [False, True]

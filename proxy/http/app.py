@@ -56,7 +56,8 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     )
     async with contextlib.AsyncExitStack() as stack:
         if own_provider:
-            stack.callback(provider.shutdown)
+            # With a dead OTLP endpoint shutdown takes seconds: keep it off the loop.
+            stack.push_async_callback(asyncio.to_thread, provider.shutdown)
         store = store_from_config(config.store)
         await store.open()
         stack.push_async_callback(store.close)

@@ -121,6 +121,23 @@ async def _body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         response.release()
 
 
+def upstream_body(call: Call, span: Span | None) -> bytes:
+    """The body as sent on; an MCP ``params._meta`` trace context is passed on as ours."""
+    if call.mcp is None or span is None or b'"traceparent"' not in call.body:
+        return call.body
+    try:
+        message = json.loads(call.body)
+        meta = message["params"]["_meta"]
+    except (ValueError, KeyError, TypeError):
+        return call.body
+    if not isinstance(meta, dict) or "traceparent" not in meta:
+        return call.body
+    carrier: dict[str, str] = {}
+    inject(carrier, context=set_span_in_context(span))
+    meta.update({k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")})
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span | None) -> Upstream:
     url = upstream_url(call.tool.upstream, call.path, call.query_string)
     if span is not None:
@@ -135,7 +152,7 @@ async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span |
             call.method,
             url,
             headers=upstream_headers(call, span),
-            data=call.body if call.body else None,
+            data=upstream_body(call, span) or None,
             timeout=timeout,
             allow_redirects=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),

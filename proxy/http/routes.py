@@ -29,6 +29,9 @@ SMALL_BODY = 256 * 1024
 
 _MAX_ID_LENGTH = 256
 
+BODY = web.RequestKey("body", bytes)
+"""A body read before the call's span started (MCP ``_meta`` trace context)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -72,6 +75,9 @@ def _query_string(request: web.Request) -> str:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be over ``limit``."""
+    early = request.get(BODY)
+    if early is not None:
+        return early
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
     if not request.body_exists:
@@ -84,6 +90,29 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def mcp_meta_parent(request: web.Request, tool: ToolConfig, parent: Context) -> Context:
+    """MCP puts trace context in ``params._meta``; it parents the call when headers carry none.
+
+    The body is read (bounded) before the call's span starts and kept for ``read_body``.
+    """
+    if tool.kind != "mcp" or request.method != "POST" or "traceparent" in request.headers:
+        return parent
+    body = await read_body(request, tool.max_body_bytes)
+    request[BODY] = body
+    if b'"_meta"' not in body:
+        return parent
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return parent  # the MCP handler answers -32700
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("traceparent"), str):
+        return parent
+    carrier = {k: meta[k] for k in ("traceparent", "tracestate") if isinstance(meta.get(k), str)}
+    return extract(carrier, context=parent)
 
 
 def parse_json_body(content_type: str, body: bytes) -> Any:
@@ -230,6 +259,9 @@ async def handle_tool(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     tool_name = request.match_info["tool"]
     parent = extract(request.headers)
+    tool = deps.config.tools.get(tool_name)
+    if tool is not None:
+        parent = await mcp_meta_parent(request, tool, parent)
     with deps.tracer.start_as_current_span(
         f"execute_tool {tool_name}",
         context=parent,
@@ -241,7 +273,6 @@ async def handle_tool(request: web.Request) -> web.StreamResponse:
         request[TRACE_IDS] = TraceIds(
             format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"), int(ctx.trace_flags)
         )
-        tool = deps.config.tools.get(tool_name)
         if tool is None:
             span.set_attribute("handrail.error.code", UnknownTool.code)
             raise UnknownTool(f"no tool named {tool_name!r} is configured")

@@ -142,10 +142,11 @@ async def _tools_call(
 
 
 def link_meta_context(span: Span, params: dict[str, Any]) -> None:
-    """``params._meta.traceparent`` names the agent's span for this call: link to it.
+    """``params._meta.traceparent`` names the agent's span for this call.
 
-    The call's span already exists (parented by the HTTP ``traceparent``) when the body is
-    read, so a context that only travels in ``_meta`` becomes a link, not the parent.
+    Without an HTTP ``traceparent`` it is already the call's parent (see
+    ``proxy.http.routes.mcp_meta_parent``); when both are there and name different traces,
+    the ``_meta`` one becomes a link.
     """
     meta = params.get("_meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("traceparent"), str):
@@ -155,7 +156,7 @@ def link_meta_context(span: Span, params: dict[str, Any]) -> None:
         carrier["tracestate"] = meta["tracestate"]
     linked = get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
     own = span.get_span_context()
-    if linked.is_valid and (linked.trace_id, linked.span_id) != (own.trace_id, own.span_id):
+    if linked.is_valid and linked.trace_id != own.trace_id:
         span.add_link(linked, {"handrail.link.source": "mcp.params._meta"})
 
 

@@ -122,4 +122,3 @@ class OpaEngine:
 
     def status(self) -> EngineStatus:
         return self._status
-

@@ -76,13 +76,14 @@ WITH claimed AS (
     INSERT INTO handrail_idempotency AS r
         (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at)
     VALUES ($1, $2, $3, 'in_flight', $4, now() + make_interval(secs => $5),
-            now() + make_interval(secs => greatest($5, $6)), now())
+            now() + make_interval(secs => $6), now())
     ON CONFLICT (tool, key) DO UPDATE SET
         fingerprint = EXCLUDED.fingerprint, state = 'in_flight', owner = EXCLUDED.owner,
         lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at,
         created_at = EXCLUDED.created_at,
         status = NULL, headers = NULL, body = NULL, complete = NULL
-    WHERE r.expires_at <= now() OR (r.state = 'in_flight' AND r.lease_until <= now())
+    WHERE (r.state = 'completed' AND r.expires_at <= now())
+       OR (r.state = 'in_flight' AND r.lease_until <= now())
     RETURNING 1
 )
 SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS stale,
@@ -91,7 +92,7 @@ SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS s
 FROM claimed
 UNION ALL
 SELECT false, fingerprint, state,
-       expires_at <= now() OR (state = 'in_flight' AND lease_until <= now()),
+       CASE state WHEN 'in_flight' THEN lease_until <= now() ELSE expires_at <= now() END,
        status, headers, body, complete
 FROM handrail_idempotency
 WHERE tool = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)
@@ -133,9 +134,10 @@ _PURGE_RECORDS = f"""
 WITH gone AS (
     DELETE FROM handrail_idempotency
     WHERE (tool, key) IN (
-        SELECT tool, key FROM handrail_idempotency WHERE expires_at <= now()
+        SELECT tool, key FROM handrail_idempotency
+        WHERE expires_at <= now() AND (state = 'completed' OR lease_until <= now())
         LIMIT {PURGE_BATCH}
-    ) AND expires_at <= now()
+    ) AND expires_at <= now() AND (state = 'completed' OR lease_until <= now())
     RETURNING 1
 )
 SELECT count(*) FROM gone

@@ -96,7 +96,8 @@ ON CONFLICT (tool, key) DO UPDATE SET
     lease_until = excluded.lease_until, expires_at = excluded.expires_at,
     created_at = excluded.created_at,
     status = NULL, headers = NULL, body = NULL, complete = NULL
-WHERE r.expires_at <= :now OR (r.state = 'in_flight' AND r.lease_until <= :now)
+WHERE (r.state = 'completed' AND r.expires_at <= :now)
+   OR (r.state = 'in_flight' AND r.lease_until <= :now)
 RETURNING 1
 """
 
@@ -135,7 +136,7 @@ ON CONFLICT (run_id) DO UPDATE SET
 """
 
 _PURGE = {
-    "handrail_idempotency": "expires_at <= ?",
+    "handrail_idempotency": "expires_at <= ?1 AND (state = 'completed' OR lease_until <= ?1)",
     "handrail_runs": "updated_at <= ?",
     "handrail_run_calls": "updated_at <= ?",
 }
@@ -262,7 +263,7 @@ class SqliteStore:
                 "owner": owner,
                 "now": now,
                 "lease_until": now + lease_s,
-                "expires_at": now + max(ttl_s, lease_s),
+                "expires_at": now + ttl_s,
             }
             if await self._fetch(_CLAIM, params):
                 return Claim(ClaimState.OWNED, owner=owner)
@@ -270,7 +271,7 @@ class SqliteStore:
             if not rows:
                 continue  # released between the two statements: claim again
             fp, state, lease_until, expires_at, status, headers, body, complete = rows[0]
-            if expires_at <= now or (state == "in_flight" and lease_until <= now):
+            if lease_until <= now if state == "in_flight" else expires_at <= now:
                 continue  # went stale between the two statements: take it over
             if fp != fingerprint:
                 return Claim(ClaimState.MISMATCH)

@@ -172,7 +172,12 @@ def traces_command(
     try:
         trees = asyncio.run(
             fetch_call_trees(
-                base, project, run=run, trace_id=trace_id, tool=tool, decision=decision,
+                base,
+                project,
+                run=run,
+                trace_id=trace_id,
+                tool=tool,
+                decision=decision,
                 limit=max(1, limit),
             )
         )

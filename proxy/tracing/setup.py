@@ -230,6 +230,43 @@ class ExportProcessor(SpanProcessor):
         return self._batch.force_flush(timeout_millis)
 
 
+_EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.sdk._shared_internal",
+)
+
+
+class _OncePerMinute(logging.Filter):
+    """Lets each distinct message of the SDK's export loggers through once a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, object], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, float("-inf")) < WARN_EVERY_S:
+                return False
+            self._last[key] = now
+        return True
+
+
+_export_log_filter = _OncePerMinute()
+
+
+def quiet_export_logs() -> None:
+    """A dead endpoint makes the SDK log every retry; keep one line a minute of each kind."""
+    for name in _EXPORT_LOGGERS:
+        export_logger = logging.getLogger(name)
+        if _export_log_filter not in export_logger.filters:
+            export_logger.addFilter(_export_log_filter)
+
+
 def build_tracer_provider(
     config: TracingConfig,
     metrics: Metrics,
@@ -242,6 +279,7 @@ def build_tracer_provider(
     """
     provider = TracerProvider(resource=build_resource(config))
     if config.exporter == "otlp":
+        quiet_export_logs()
         provider.add_span_processor(ExportProcessor(otlp_exporter(config), metrics))
     for processor in extra_processors:
         provider.add_span_processor(processor)
