@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -277,9 +278,10 @@ async def test_meta_traceparent_parents_the_call_span(
     agent_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     meta = {"traceparent": f"00-{agent_trace}-00f067aa0ba902b7-01"}
     params = {"name": "echo", "arguments": {"text": "x"}, "_meta": meta}
-    await post(
+    status, _, body = await post(
         proxy, {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}, session
     )
+    assert status == 200 and body["result"]["isError"] is False
     span = await finished_span(spans, "execute_tool mcp.echo")
     assert format(span.context.trace_id, "032x") == agent_trace
     assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
@@ -350,3 +352,20 @@ async def test_call_span_carries_the_mcp_attributes(
     assert attrs["mcp.session.id"] == attrs["session.id"]
     assert attrs["jsonrpc.request.id"] == attrs["gen_ai.tool.call.id"]
     assert attrs["handrail.decision"] == "allow"
+
+
+def test_meta_trace_context_is_passed_on_as_the_proxys_own() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from proxy.http.forward import upstream_body
+
+    agent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": "echo", "arguments": {"text": "x"}, "_meta": {"traceparent": agent, "progressToken": 3}}}
+    call = SimpleNamespace(mcp=object(), body=json.dumps(message).encode())
+    span = TracerProvider().get_tracer("t").start_span("POST")
+    sent = json.loads(upstream_body(call, span))  # type: ignore[arg-type]
+    meta = sent["params"]["_meta"]
+    own = span.get_span_context()
+    assert meta["traceparent"].startswith(f"00-{own.trace_id:032x}-{own.span_id:016x}-")
+    assert meta["progressToken"] == 3 and sent["params"]["arguments"] == {"text": "x"}

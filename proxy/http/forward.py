@@ -6,6 +6,7 @@ and ``UpstreamTimeout``; nothing above this module sees an aiohttp client except
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
 

@@ -75,9 +75,8 @@ def _query_string(request: web.Request) -> str:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be over ``limit``."""
-    early = request.get(BODY)
-    if early is not None:
-        return early
+    if BODY in request:
+        return request[BODY]
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
     if not request.body_exists:
