@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from proxy.call import Call, ClaimState, DecisionKind, StoredResponse
 from proxy.deps import Deps
@@ -85,10 +86,24 @@ def _exempt_read_only(call: Call) -> bool:
     return bool((call.mcp.annotations or {}).get("readOnlyHint"))
 
 
+@contextmanager
+def child_span(deps: Deps, name: str) -> Iterator[Span]:
+    """A child of the call's span that is never made current: cheaper than a context switch."""
+    span = deps.tracer.start_span(name)
+    try:
+        yield span
+    except HandrailError as exc:
+        span.set_status(Status(StatusCode.ERROR, exc.message))
+        span.set_attribute("error.type", exc.code)
+        raise
+    finally:
+        span.end()
+
+
 async def decide(call: Call, deps: Deps) -> None:
     """Ask the policy; count the call against its run; a deny or a hold ends the call."""
     assert call.fingerprint is not None
-    with deps.tracer.start_as_current_span("handrail.policy") as span:
+    with child_span(deps, "handrail.policy") as span:
         started = time.perf_counter()
         call.counters = await deps.store.run_counters(call.run_id, call.fingerprint)
         document = policy_input(call, call.counters, deps.config.tracing.capture.redact)
@@ -134,7 +149,7 @@ async def claim_key(call: Call, deps: Deps) -> None:
         return
     assert call.fingerprint is not None
     idem = call.tool.idempotency
-    with deps.tracer.start_as_current_span("handrail.idempotency") as span:
+    with child_span(deps, "handrail.idempotency") as span:
         started = time.perf_counter()
         claim = await deps.store.claim(
             call.tool_name,
@@ -257,8 +272,3 @@ def record(call: Call, deps: Deps) -> None:
     if call.span is not None:
         record_span(call, call.span, deps.config.tracing.capture)
     deps.journal.append(call)
-
-
-def current_trace_ids() -> tuple[str, str]:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")

@@ -44,8 +44,18 @@ def parsed_query(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def rfc3339(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    """UTC to the second; formatted once per second, as every call in it shares the text."""
+    whole = int(seconds)
+    cached = _last_second[0]
+    if cached[0] == whole:
+        return cached[1]
+    text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(whole))
+    _last_second[0] = (whole, text)
+    return text
 
 
 def policy_input(

@@ -52,6 +52,6 @@ def parse_key_header(value: str) -> str:
         key = key[1:-1]
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"must be 1 to {MAX_KEY_LENGTH} characters")
-    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+    if not (key.isascii() and key.isprintable()) or " " in key:
         raise ValueError("must be printable ASCII without spaces")
     return key
