@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -89,7 +89,9 @@ async def finished_span(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
             (span,) = found
             return span
         await anyio.sleep(0.01)
-    raise AssertionError(f"no finished span named {name!r}: {[s.name for s in spans.get_finished_spans()]}")
+    raise AssertionError(
+        f"no finished span named {name!r}: {[s.name for s in spans.get_finished_spans()]}"
+    )
 
 
 def text_of(result: Any) -> str:
@@ -291,7 +293,10 @@ async def test_meta_traceparent_of_another_trace_is_linked(
     proxy: TestClient, spans: InMemorySpanExporter
 ) -> None:
     session = await raw_session(proxy)
-    header_trace, meta_trace = "4bf92f3577b34da6a3ce929d0e0e4736", "5cf92f3577b34da6a3ce929d0e0e4737"
+    header_trace, meta_trace = (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "5cf92f3577b34da6a3ce929d0e0e4737",
+    )
     meta = {"traceparent": f"00-{meta_trace}-00f067aa0ba902b7-01"}
     params = {"name": "echo", "arguments": {"text": "x"}, "_meta": meta}
     await post(
@@ -360,8 +365,16 @@ def test_meta_trace_context_is_passed_on_as_the_proxys_own() -> None:
     from proxy.http.forward import upstream_body
 
     agent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-               "params": {"name": "echo", "arguments": {"text": "x"}, "_meta": {"traceparent": agent, "progressToken": 3}}}
+    message = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {
+            "name": "echo",
+            "arguments": {"text": "x"},
+            "_meta": {"traceparent": agent, "progressToken": 3},
+        },
+    }
     call = SimpleNamespace(mcp=object(), body=json.dumps(message).encode())
     span = TracerProvider().get_tracer("t").start_span("POST")
     sent = json.loads(upstream_body(call, span))  # type: ignore[arg-type]
