@@ -49,11 +49,14 @@ end
 
 REPLAY_LUA = r"""
 local prefix = os.getenv("BENCH_PREFIX") or "b"
+local counter = 0
 request = function()
+  counter = counter + 1
   local headers = {}
   headers["Content-Type"] = "application/json"
   headers["X-Agent-Id"] = "bench-agent"
-  headers["X-Run-Id"] = prefix .. "-replay"
+  -- a run per retry, so the policy's loop rule (5 repeats a run) does not deny the retries
+  headers["X-Run-Id"] = prefix .. "-replay-" .. counter
   headers["Idempotency-Key"] = prefix .. "-the-same-key"
   return wrk.format("POST", nil, headers, '{"contact": {"name": "Ada"}, "amount": 1}')
 end
