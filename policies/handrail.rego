@@ -47,12 +47,19 @@ default _settings := {}
 
 _settings := data.handrail_settings
 
-_builtin_agent := {"tools": ["*"], "write_budget": 50, "allow_destructive": []}
+# An agent's own settings win over default_agent's, which win over the built-ins. Each
+# setting is looked up on its own (no object.union per call: it is the costly part).
+_default_agent := object.get(_settings, "default_agent", {})
 
-_agent := object.union(
-	object.union(_builtin_agent, object.get(_settings, "default_agent", {})),
-	object.get(object.get(_settings, "agents", {}), input.agent.id, {}),
-)
+_own_agent := object.get(object.get(_settings, "agents", {}), input.agent.id, {})
+
+_agent_setting(key, builtin) := object.get(_own_agent, key, object.get(_default_agent, key, builtin))
+
+_agent_tools := _agent_setting("tools", ["*"])
+
+_write_budget := _agent_setting("write_budget", 50)
+
+_agent_allow_destructive := _agent_setting("allow_destructive", [])
 
 _agent_label := input.agent.id if input.agent.id != ""
 
@@ -88,11 +95,11 @@ _write if {
 
 # --- tool allowlist per agent -----------------------------------------------------------
 
-_tool_allowed if "*" in _agent.tools
+_tool_allowed if "*" in _agent_tools
 
-_tool_allowed if input.tool.name in _agent.tools
+_tool_allowed if input.tool.name in _agent_tools
 
-_tool_allowed if _call_name in _agent.tools
+_tool_allowed if _call_name in _agent_tools
 
 violations contains msg if {
 	not _tool_allowed
@@ -103,8 +110,8 @@ violations contains msg if {
 
 violations contains msg if {
 	_write
-	input.run.writes >= _agent.write_budget
-	msg := sprintf("run write budget spent: %v of %v writes", [input.run.writes, _agent.write_budget])
+	input.run.writes >= _write_budget
+	msg := sprintf("run write budget spent: %v of %v writes", [input.run.writes, _write_budget])
 }
 
 # --- loop detection ---------------------------------------------------------------------
@@ -119,9 +126,9 @@ violations contains msg if {
 
 # --- destructive calls ------------------------------------------------------------------
 
-_destructive_allowed if _call_name in _agent.allow_destructive
+_destructive_allowed if _call_name in _agent_allow_destructive
 
-_destructive_allowed if input.tool.name in _agent.allow_destructive
+_destructive_allowed if input.tool.name in _agent_allow_destructive
 
 _path_segments := [s | some s in split(input.request.path, "/"); s != ""]
 
@@ -174,10 +181,18 @@ _secret_patterns := {
 	"a private key": `-----BEGIN [A-Z ]*PRIVATE KEY-----`,
 }
 
-# One cheap screen first: only strings it matches get the detailed checks below.
+# Screens, cheapest first. rego-cpp compiles a regex on every call, so one screen runs over
+# the whole payload as JSON text: any string value holding a secret or a card number holds a
+# run of letters, digits, spaces, "-" and "_" that JSON keeps verbatim, so the screen never
+# misses one. Only when it matches are the strings walked, each screened again, and checked.
+_payload_screen := `sk-|k_live_|AKIA|gh[pousr]_|PRIVATE KEY|[0-9 -]{13}`
+
 _screen := `sk-|[rs]k_live_|AKIA|gh[pousr]_|PRIVATE KEY|[0-9](?:[ -]?[0-9]){12}`
 
+_suspicious if regex.match(_payload_screen, json.marshal(_payload))
+
 _strings contains [path, value] if {
+	_suspicious
 	walk(_payload, [path, value])
 	is_string(value)
 	regex.match(_screen, value)
@@ -205,22 +220,13 @@ violations contains msg if {
 }
 
 # Luhn checksum over a string of digits: catches card numbers, not order ids or phone numbers.
+# Counting from the right (from 1), every second digit is doubled (minus 9 past 9): the
+# table holds each digit's term, plain and doubled.
+_luhn_terms := [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]]
+
 _luhn_valid(digits) if {
 	chars := split(digits, "")
 	n := count(chars)
-	terms := [t | d := chars[i]; t := _luhn_term(to_number(d), n - i)]
+	terms := [t | d := chars[i]; p := (n - i + 1) % 2; t := _luhn_terms[p][to_number(d)]]
 	sum(terms) % 10 == 0
-}
-
-# pos counts from the right, starting at 1; every second digit is doubled.
-_luhn_term(d, pos) := d if pos % 2 == 1
-
-_luhn_term(d, pos) := d * 2 if {
-	pos % 2 == 0
-	d * 2 <= 9
-}
-
-_luhn_term(d, pos) := (d * 2) - 9 if {
-	pos % 2 == 0
-	d * 2 > 9
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Any
 
 from proxy.call import Call, RunCounters
@@ -14,7 +15,9 @@ CREDENTIAL_HEADERS = frozenset(
 )
 
 
+@lru_cache(maxsize=4096)
 def is_credential_header(name: str, tool_headers: frozenset[str], redact: tuple[str, ...]) -> bool:
+    """Credentials by name; cached, as agents send the same few header names every call."""
     lowered = name.lower()
     return (
         lowered in CREDENTIAL_HEADERS
@@ -58,10 +61,15 @@ def rfc3339(seconds: float) -> str:
     return text
 
 
+@lru_cache(maxsize=256)
+def _lowered_names(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(n.lower() for n in names)
+
+
 def policy_input(
     call: Call, counters: RunCounters, redact: tuple[str, ...], now: float | None = None
 ) -> dict[str, Any]:
-    tool_headers = frozenset(h.lower() for h in call.tool.headers)
+    tool_headers = _lowered_names(tuple(call.tool.headers))
     mcp = call.mcp
     return {
         "version": INPUT_VERSION,

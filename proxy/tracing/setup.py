@@ -53,9 +53,29 @@ def project_name(config: TracingConfig) -> str:
     return config.project_name or service_name(config)
 
 
+class _HashedResource(Resource):
+    """A Resource whose hash is computed once.
+
+    The OTLP encoder groups every exported span by resource, and ``Resource.__hash__``
+    JSON-encodes all its attributes on each call: per span, that was a tenth of the export
+    thread's time. A resource never changes after start-up, so its hash can be kept.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 def build_resource(config: TracingConfig) -> Resource:
     """``service.name`` and ``openinference.project.name`` (OTEL_RESOURCE_ATTRIBUTES merge in)."""
-    return Resource.create({SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)})
+    created = Resource.create({SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)})
+    return _HashedResource(created)
 
 
 def http_traces_endpoint(endpoint: str) -> str:
