@@ -6,9 +6,10 @@
 
 For three representative inputs (an HTTP POST with a JSON body, an MCP tools/call, a deny)
 it prints median and p99 microseconds, single-threaded, for: converting the input document
-to a regopy input (``conversion``; regopy's own converter shown for comparison), running the
-compiled bundle on a prepared input (``query``), and the whole ``evaluate`` call the engine
-makes per decision (``total``).
+to a rego-cpp input (``conversion``: Handrail's converter and regopy's own), running the
+compiled bundle on an input already set (``query``), and the whole ``evaluate`` call the
+engine makes per decision (``total``). ``total (regopy path)`` is the way the engine used
+to evaluate: a fresh interpreter per call and regopy's ``set_input``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from regopy import rego_shared as rs  # noqa: E402
 
-from proxy.policy import embedded  # noqa: E402
+from proxy.policy import query, regoinput  # noqa: E402
+from proxy.policy.bundle import compile_policy, new_interpreter  # noqa: E402
 
 HEADERS = {
     "host": "127.0.0.1:8080",
@@ -97,14 +99,8 @@ CASES = {"http_post": HTTP_POST, "mcp_call": MCP_CALL, "deny": DENY}
 
 
 def _converters() -> dict[str, Callable[[Any], Any]]:
-    """name -> function building a regopy input pointer (the caller frees it)."""
-    found: dict[str, Callable[[Any], Any]] = {"regopy": rs.rego_input_from_value}
-    try:
-        from proxy.policy import regoinput
-    except ImportError:
-        return found
-    found["handrail"] = regoinput.new_input
-    return found
+    """name -> function building a rego-cpp input (the caller frees it)."""
+    return {"handrail": regoinput.new_input, "regopy": rs.rego_input_from_value}
 
 
 def _time(fn: Callable[[], Any], n: int) -> list[float]:
@@ -126,41 +122,58 @@ def _summary(samples: list[float]) -> str:
 
 
 def _query_fn(bundle: Any, entrypoint: str, document: Any) -> Callable[[], Any]:
-    """Run the bundle on an input built once (what the query costs without conversion)."""
-    interpreter = embedded._new_interpreter()  # noqa: SLF001
-    p_input = rs.rego_input_from_value(document)
-    rs.rego_set_input(interpreter._impl, p_input)  # noqa: SLF001
+    """Run the bundle on an input set once (what the query costs without conversion)."""
+    interpreter = new_interpreter()
+    regoinput.set_input(interpreter._impl, document)
 
     def run() -> Any:
-        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)  # noqa: SLF001
+        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
         rs.rego_free_output(output)
+        return interpreter
 
-    run.keep = (interpreter, p_input)  # type: ignore[attr-defined]
+    return run
+
+
+def _regopy_path(bundle: Any, entrypoint: str, document: Any) -> Callable[[], Any]:
+    """The engine's old per-call path: a fresh interpreter, regopy's input conversion."""
+
+    def run() -> Any:
+        interpreter = new_interpreter()
+        interpreter.set_input(document)
+        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
+        return query.read_output(interpreter, output)
+
     return run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-n", type=int, default=3000, help="decisions per case")
     parser.add_argument("--policies", type=Path, default=ROOT / "policies")
     args = parser.parse_args(argv)
-    compiled = embedded.compile_policy(args.policies, "handrail/decision")
+    compiled = compile_policy(args.policies, "handrail/decision")
     bundle, entrypoint = compiled.bundle, compiled.decision
-    converters = _converters()
     print(f"policy {args.policies} revision {compiled.revision}; {args.n} decisions per case")
     for name, document in CASES.items():
-        defined, value = embedded.evaluate(bundle, entrypoint, document)
+        defined, value = query.evaluate(bundle, entrypoint, document)
         allow = value.get("allow") if defined and isinstance(value, dict) else None
-        print(f"\n{name}: allow={allow} reasons={value.get('reasons') if defined else None}")
-        for label, convert in converters.items():
+        reasons = value.get("reasons") if defined and isinstance(value, dict) else None
+        print(f"\n{name}: allow={allow} reasons={reasons}")
+        for label, convert in _converters().items():
 
-            def conversion(convert: Callable[[Any], Any] = convert) -> None:
-                rs.rego_free_input(convert(document))
+            def conversion(convert: Callable[[Any], Any] = convert, doc: Any = document) -> None:
+                rs.rego_free_input(convert(doc))
 
-            print(f"  conversion ({label:8s}) {_summary(_time(conversion, args.n))}")
-        print(f"  query                 {_summary(_time(_query_fn(bundle, entrypoint, document), args.n))}")
-        total = _time(lambda: embedded.evaluate(bundle, entrypoint, document), args.n)
-        print(f"  total (evaluate)      {_summary(total)}")
+            print(f"  conversion ({label:8s})   {_summary(_time(conversion, args.n))}")
+        run_query = _query_fn(bundle, entrypoint, document)
+        print(f"  query                   {_summary(_time(run_query, args.n))}")
+
+        def total(doc: Any = document) -> Any:
+            return query.evaluate(bundle, entrypoint, doc)
+
+        print(f"  total (evaluate)        {_summary(_time(total, args.n))}")
+        before = _regopy_path(bundle, entrypoint, document)
+        print(f"  total (regopy path)     {_summary(_time(before, args.n))}")
     return 0
 
 

@@ -48,7 +48,7 @@ default _settings := {}
 _settings := data.handrail_settings
 
 # An agent's own settings win over default_agent's, which win over the built-ins. Each
-# setting is looked up on its own (no object.union per call: it is the costly part).
+# setting is looked up on its own (cheaper on rego-cpp than object.union per decision).
 _default_agent := object.get(_settings, "default_agent", {})
 
 _own_agent := object.get(object.get(_settings, "agents", {}), input.agent.id, {})
@@ -183,16 +183,22 @@ _secret_patterns := {
 
 # Screens, cheapest first. rego-cpp compiles a regex on every call, so one screen runs over
 # the whole payload as JSON text: any string value holding a secret or a card number holds a
-# run of letters, digits, spaces, "-" and "_" that JSON keeps verbatim, so the screen never
-# misses one. Only when it matches are the strings walked, each screened again, and checked.
+# run of letters, digits, spaces, "-" and "_" that JSON keeps verbatim, so a clean payload
+# holds none. Otherwise (or when json.marshal fails: regopy cannot marshal arrays from the
+# input) the strings are walked, each screened again, and checked.
 _payload_screen := `sk-|k_live_|AKIA|gh[pousr]_|PRIVATE KEY|[0-9 -]{13}`
 
 _screen := `sk-|[rs]k_live_|AKIA|gh[pousr]_|PRIVATE KEY|[0-9](?:[ -]?[0-9]){12}`
 
-_suspicious if regex.match(_payload_screen, json.marshal(_payload))
+# Clean only on a positive answer: rego-cpp lets a failed json.marshal through `not`.
+_clean_payload if {
+	text := json.marshal(_payload)
+	is_string(text)
+	regex.match(_payload_screen, text) == false
+}
 
 _strings contains [path, value] if {
-	_suspicious
+	not _clean_payload
 	walk(_payload, [path, value])
 	is_string(value)
 	regex.match(_screen, value)

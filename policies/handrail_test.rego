@@ -104,6 +104,17 @@ test_card_number_is_denied if {
 	d.reasons == {"argument memo looks like a payment card number"}
 }
 
+test_card_number_deep_in_the_body_is_denied if {
+	d := handrail.decision with input as _write({"order": {"lines": [{"memo": "4111-1111-1111-1111"}]}})
+	d.allow == false
+	d.reasons == {"argument order looks like a payment card number"}
+}
+
+test_long_json_number_is_not_a_card_number if {
+	d := handrail.decision with input as _write({"id": 4111111111111111, "memo": "fine"})
+	d.allow == true
+}
+
 test_number_failing_luhn_is_allowed if {
 	d := handrail.decision with input as _write({"memo": "order 4111 1111 1111 1112"})
 	d.allow == true

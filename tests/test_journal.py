@@ -25,6 +25,7 @@ from proxy.tracing import journal_from_config
 from proxy.tracing.base import CallQuery
 from proxy.tracing.commands import calls_command, parse_since
 from proxy.tracing.journal import SqlJournal
+from proxy.tracing.journal_sqlite import journal_path
 from tests.conftest import ProxyFactory
 from tests.test_tracing import dropped, make_call
 
@@ -277,21 +278,45 @@ async def test_close_writes_what_is_queued(store_url: str) -> None:
         await reader.close()
 
 
-async def test_schema_version_is_recorded_beside_the_stores(tmp_path: Path) -> None:
-    path = tmp_path / "handrail.db"
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "CREATE TABLE handrail_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        db.execute("INSERT INTO handrail_schema VALUES ('store', 7)")
-    journal = journal_from_config(config_for(f"sqlite:///{path}"), Metrics())
+async def test_sqlite_journal_lives_in_its_own_file_beside_the_store(tmp_path: Path) -> None:
+    store_file = tmp_path / "handrail.db"
+    journal = journal_from_config(config_for(f"sqlite:///{store_file}"), Metrics())
     await journal.open()
+    journal.append(_call())
     await journal.close()
-    with sqlite3.connect(path) as db:
+    with sqlite3.connect(tmp_path / "handrail-journal.db") as db:
         versions = dict(db.execute("SELECT component, version FROM handrail_schema").fetchall())
+        rows = db.execute("SELECT count(*) FROM handrail_journal").fetchone()[0]
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert versions == {"store": 7, "journal": 1}
-    assert mode == "wal"
+    assert (versions, rows, mode) == ({"journal": 1}, 1, "wal")
+    assert not store_file.exists()
+
+
+async def test_journal_batches_never_take_the_stores_write_lock(tmp_path: Path) -> None:
+    store_file = tmp_path / "handrail.db"
+    journal = journal_from_config(config_for(f"sqlite:///{store_file}"), Metrics())
+    await journal.open()
+    with sqlite3.connect(store_file, isolation_level=None) as store_db:
+        store_db.execute("BEGIN IMMEDIATE")  # the store's write lock, held
+        try:
+            journal.append(_call())
+            await asyncio.wait_for(journal.flush(), 2.0)
+        finally:
+            store_db.execute("ROLLBACK")
+    assert len(await journal.query(CallQuery())) == 1
+    await journal.close()
+
+
+@pytest.mark.parametrize(
+    ("store", "journal"),
+    [
+        ("state/handrail.db", "state/handrail-journal.db"),
+        ("state/handrail", "state/handrail-journal.db"),
+        (":memory:", ":memory:"),
+    ],
+)
+def test_journal_file_is_named_after_the_store_file(store: str, journal: str) -> None:
+    assert str(journal_path(store)) == journal
 
 
 @pytest.mark.postgres

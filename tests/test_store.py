@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -510,6 +511,120 @@ class _Relay:
             dst.transport.abort()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+# SQLite on the event loop: a locked or busy database never stalls the loop
+
+
+class LoopLag:
+    """A ticker on the loop: the longest it was kept from running past its tick."""
+
+    TICK_S = 0.002
+
+    def __init__(self) -> None:
+        self.worst_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.TICK_S)
+            self.worst_s = max(self.worst_s, time.perf_counter() - before - self.TICK_S)
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@contextlib.contextmanager
+def _write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection holding the database's write lock until the block ends."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+
+
+async def test_sqlite_write_waits_for_a_held_lock_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "handrail.db"
+    store = SqliteStore(path, busy_timeout_ms=3000)
+    await store.open()
+    run = f"run-{uuid.uuid4()}"
+    try:
+        with _write_lock_held(path) as other:
+            asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+            async with LoopLag() as lag:
+                started = time.monotonic()
+                await store.count_call(run, "fp", write=True, denied=False)
+                waited = time.monotonic() - started
+            other.execute("BEGIN")  # for the block's closing ROLLBACK
+        assert waited >= 0.25
+        assert lag.worst_s < 0.05, f"the loop stalled for {lag.worst_s * 1000:.0f} ms"
+        assert await store.run_counters(run, "fp") == RunCounters(1, 1, 0, 1)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_lock_held_past_the_bound_is_unavailable_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "handrail.db"
+    store = SqliteStore(path, busy_timeout_ms=300)
+    await store.open()
+    try:
+        with _write_lock_held(path):
+            async with LoopLag() as lag:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="locked"):
+                    await _claim(store, _key())
+                waited = time.monotonic() - started
+        assert 0.25 <= waited < 1.0
+        assert lag.worst_s < 0.05, f"the loop stalled for {lag.worst_s * 1000:.0f} ms"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_reads_go_on_while_another_connection_writes(tmp_path: Path) -> None:
+    path = tmp_path / "handrail.db"
+    store = SqliteStore(path, busy_timeout_ms=0)
+    await store.open()
+    try:
+        with _write_lock_held(path):
+            assert await store.run_counters("run", "fp") == RunCounters()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_checkpoints_keep_the_wal_from_growing_with_writes(tmp_path: Path) -> None:
+    path, limit = tmp_path / "handrail.db", 1024 * 1024
+    store = SqliteStore(path, checkpoint_every_s=0.02, wal_limit_bytes=limit)
+    await store.open()
+    wal = Path(f"{path}-wal")
+    sizes = []
+    try:
+        # Each round commits 900 times, 4 KB pages each: unchecked, the WAL would pass 15 MB.
+        for round_ in range(4):
+            for i in range(300):
+                key = f"key-{round_}-{i}"
+                claim = await _claim(store, key)
+                await store.complete("crm", key, claim.owner, OK)
+                await store.count_call(f"run-{i // 20}", key, write=True, denied=False)
+            await asyncio.sleep(0.2)  # the checkpointer's turn
+            sizes.append(wal.stat().st_size)
+    finally:
+        await store.close()
+    assert max(sizes) <= limit, f"the WAL grew: {sizes}"
 
 
 # The factory

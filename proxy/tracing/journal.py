@@ -1,12 +1,14 @@
-"""The local journal: every call written down in the store's database, whatever OTLP does.
+"""The local journal: every call written down beside the store, whatever OTLP does.
 
 ``append`` runs on the call path, so it only builds the row and puts it on a bounded
 queue; a background task writes batches (one transaction each) every ``FLUSH_S`` or
 ``BATCH`` rows. A full queue drops the row and counts it
 (``handrail_trace_export_dropped{sink="journal"}``): the journal never slows a call down.
 Retention (``tracing.journal``: ``retention_days``, ``max_rows``) is enforced by the same
-task. The database itself is one backend module per driver (``journal_sqlite``,
-``journal_postgres``); ``journal_from_config`` in the package picks one.
+task. The database itself is one backend module per driver: ``journal_sqlite`` (a file of
+its own beside the store's, ``handrail-journal.db``, so journal batches never take the
+store's write lock) and ``journal_postgres`` (the store's database); ``journal_from_config``
+in the package picks one.
 """
 
 from __future__ import annotations

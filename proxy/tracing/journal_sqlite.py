@@ -1,4 +1,10 @@
-"""The journal in the store's SQLite file, on its own aiosqlite connection (WAL)."""
+"""The journal on SQLite: a file of its own beside the store's, ``handrail.db`` ->
+``handrail-journal.db`` (``journal_path``), on an aiosqlite connection (WAL).
+
+Its own file, so that a batch insert (one write transaction every ``FLUSH_S``) never holds
+the write lock the store's statements on the event loop need: a database file has one.
+``handrail calls`` and the admin ``/calls`` read the same file, by the same derivation.
+"""
 
 from __future__ import annotations
 
@@ -58,9 +64,23 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 _INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 
 
+def journal_path(store_path: Path | str) -> Path | str:
+    """The journal's file beside the store's: ``dir/handrail.db`` -> ``dir/handrail-journal.db``.
+
+    Without a suffix, ``handrail`` -> ``handrail-journal.db`` (``handrail-journal`` would be
+    SQLite's own rollback journal of ``handrail``). An in-memory store gets an in-memory journal.
+    """
+    if store_path == ":memory:":
+        return store_path
+    path = Path(store_path)
+    return path.with_name(f"{path.stem}-journal{path.suffix or '.db'}")
+
+
 class SqliteJournalDb:
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
+    """The journal's table in its own file, derived from the store's path (``journal_path``)."""
+
+    def __init__(self, store_path: Path | str) -> None:
+        self.path = str(journal_path(store_path))
         self._conn: aiosqlite.Connection | None = None
 
     async def open(self, *, create: bool) -> bool:

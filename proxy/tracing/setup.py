@@ -74,7 +74,9 @@ class _HashedResource(Resource):
 
 def build_resource(config: TracingConfig) -> Resource:
     """``service.name`` and ``openinference.project.name`` (OTEL_RESOURCE_ATTRIBUTES merge in)."""
-    created = Resource.create({SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)})
+    created = Resource.create(
+        {SERVICE_NAME: service_name(config), PROJECT_NAME: project_name(config)}
+    )
     return _HashedResource(created)
 
 
