@@ -139,13 +139,11 @@ _COMPLETE = """
 UPDATE handrail_idempotency
 SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?
 WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
-RETURNING 1
 """
 
 _RELEASE = """
 DELETE FROM handrail_idempotency
 WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
-RETURNING 1
 """
 
 _RUN_COUNTERS = """
@@ -183,6 +181,14 @@ def _mapped() -> Iterator[None]:
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and code & 0xFF in _BUSY_CODES
+
+
+def _rows(cursor: sqlite3.Cursor) -> list[Any]:
+    return cursor.fetchall()
+
+
+def _rowcount(cursor: sqlite3.Cursor) -> int:
+    return cursor.rowcount
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
@@ -381,24 +387,33 @@ class SqliteStore:
         return self._conn
 
     async def _fetch(self, sql: str, params: Params) -> list[Any]:
+        return await self._run(sql, params, _rows)
+
+    async def _changes(self, sql: str, params: Params) -> int:
+        """How many rows an UPDATE or DELETE touched: one step, no RETURNING rows to fetch."""
+        return await self._run(sql, params, _rowcount)
+
+    async def _run(self, sql: str, params: Params, read: Callable[[sqlite3.Cursor], T]) -> T:
         """One statement on the loop's connection; a busy database is waited for, asleep."""
         try:
-            return self._loop_conn().execute(sql, params).fetchall()
+            return read(self._loop_conn().execute(sql, params))
         except sqlite3.Error as exc:
             if not _is_busy(exc):
                 raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
         except (ValueError, OSError) as exc:
             raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
-        return await self._fetch_when_free(sql, params)
+        return await self._run_when_free(sql, params, read)
 
-    async def _fetch_when_free(self, sql: str, params: Params) -> list[Any]:
+    async def _run_when_free(
+        self, sql: str, params: Params, read: Callable[[sqlite3.Cursor], T]
+    ) -> T:
         deadline = time.monotonic() + self.busy_timeout_ms / 1000.0
         delay = _BUSY_FIRST_S
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, _BUSY_MAX_S)
             try:
-                return self._loop_conn().execute(sql, params).fetchall()
+                return read(self._loop_conn().execute(sql, params))
             except sqlite3.Error as exc:
                 if not _is_busy(exc):
                     raise StoreUnavailable(f"the SQLite store failed: {exc}") from exc
@@ -475,9 +490,9 @@ class SqliteStore:
             owner,
         )
         if len(response.body) > SIDE_BODY_BYTES:
-            done = await self._aside(lambda conn: conn.execute(_COMPLETE, params).fetchall())
+            done = await self._aside(lambda conn: conn.execute(_COMPLETE, params).rowcount)
         else:
-            done = await self._fetch(_COMPLETE, params)
+            done = await self._changes(_COMPLETE, params)
         if not done:
             logger.warning(
                 "idempotency key %r was no longer ours to complete (lease ran out)",
@@ -486,7 +501,7 @@ class SqliteStore:
             )
 
     async def release(self, tool: str, key: str, owner: str) -> None:
-        if not await self._fetch(_RELEASE, (tool, key, owner)):
+        if not await self._changes(_RELEASE, (tool, key, owner)):
             logger.info(
                 "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
             )
@@ -515,4 +530,4 @@ class SqliteStore:
         self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
     ) -> None:
         params = (run_id, int(write), int(denied), time.time(), call_fingerprint)
-        await self._fetch(_COUNT_CALL, params)
+        await self._changes(_COUNT_CALL, params)

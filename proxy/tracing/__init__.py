@@ -36,7 +36,10 @@ def tracer_provider_from_config(
 
 
 def journal_from_config(config: Config, metrics: Metrics, *, writer: bool = True) -> SqlJournal:
-    """The journal in the store's database (``store.url``), not yet opened.
+    """The journal beside the store (``store.url``), not yet opened.
+
+    A SQLite store's ``handrail.db`` gets ``handrail-journal.db`` next to it, so journal
+    batches never take the store's write lock; PostgreSQL keeps it in the store's database.
 
     ``writer=False`` is for readers such as ``handrail calls``: it neither creates the
     table nor writes nor purges.
