@@ -40,15 +40,24 @@ from typing import Any, TypeVar
 
 from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
 from proxy.errors import StoreUnavailable
+from proxy.store.sqlite_schema import (
+    CLAIM,
+    COMPLETE,
+    COMPONENT,
+    COUNT_CALL,
+    READ,
+    RELEASE,
+    RUN_COUNTERS,
+    migrate,
+    purge,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Params = Sequence[Any] | dict[str, Any]
 
-COMPONENT = "store"
 RUN_TTL_S = 7 * 86400.0
-PURGE_BATCH = 1000
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_EVERY_S = 0.5
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
@@ -59,114 +68,6 @@ _BUSY_MAX_S = 0.05
 _CHECKPOINT_BUSY_MS = 100
 _RESTART_FRAMES = 1000  # SQLite's own autocheckpoint size, 4 MB of 4 KB pages
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (
-        1,
-        (
-            """CREATE TABLE handrail_idempotency (
-                tool TEXT NOT NULL,
-                key TEXT NOT NULL,
-                fingerprint TEXT NOT NULL,
-                state TEXT NOT NULL,
-                owner TEXT NOT NULL,
-                lease_until REAL NOT NULL,
-                expires_at REAL NOT NULL,
-                created_at REAL NOT NULL,
-                status INTEGER,
-                headers TEXT,
-                body BLOB,
-                complete INTEGER,
-                PRIMARY KEY (tool, key)
-            )""",
-            "CREATE INDEX handrail_idempotency_expires ON handrail_idempotency (expires_at)",
-            # last_fingerprint feeds the trigger below, so count_call is one statement.
-            """CREATE TABLE handrail_runs (
-                run_id TEXT PRIMARY KEY,
-                calls INTEGER NOT NULL,
-                writes INTEGER NOT NULL,
-                denied INTEGER NOT NULL,
-                updated_at REAL NOT NULL,
-                last_fingerprint TEXT NOT NULL
-            )""",
-            "CREATE INDEX handrail_runs_updated ON handrail_runs (updated_at)",
-            """CREATE TABLE handrail_run_calls (
-                run_id TEXT NOT NULL,
-                fingerprint TEXT NOT NULL,
-                n INTEGER NOT NULL,
-                updated_at REAL NOT NULL,
-                PRIMARY KEY (run_id, fingerprint)
-            )""",
-            "CREATE INDEX handrail_run_calls_updated ON handrail_run_calls (updated_at)",
-            """CREATE TRIGGER handrail_runs_count_insert AFTER INSERT ON handrail_runs
-            BEGIN
-                INSERT INTO handrail_run_calls (run_id, fingerprint, n, updated_at)
-                VALUES (NEW.run_id, NEW.last_fingerprint, 1, NEW.updated_at)
-                ON CONFLICT (run_id, fingerprint)
-                DO UPDATE SET n = n + 1, updated_at = excluded.updated_at;
-            END""",
-            """CREATE TRIGGER handrail_runs_count_update AFTER UPDATE OF calls ON handrail_runs
-            BEGIN
-                INSERT INTO handrail_run_calls (run_id, fingerprint, n, updated_at)
-                VALUES (NEW.run_id, NEW.last_fingerprint, 1, NEW.updated_at)
-                ON CONFLICT (run_id, fingerprint)
-                DO UPDATE SET n = n + 1, updated_at = excluded.updated_at;
-            END""",
-        ),
-    ),
-)
-
-_CLAIM = """
-INSERT INTO handrail_idempotency AS r
-    (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at)
-VALUES (:tool, :key, :fp, 'in_flight', :owner, :lease_until, :expires_at, :now)
-ON CONFLICT (tool, key) DO UPDATE SET
-    fingerprint = excluded.fingerprint, state = 'in_flight', owner = excluded.owner,
-    lease_until = excluded.lease_until, expires_at = excluded.expires_at,
-    created_at = excluded.created_at,
-    status = NULL, headers = NULL, body = NULL, complete = NULL
-WHERE (r.state = 'completed' AND r.expires_at <= :now)
-   OR (r.state = 'in_flight' AND r.lease_until <= :now)
-RETURNING 1
-"""
-
-_READ = """
-SELECT fingerprint, state, lease_until, expires_at, status, headers, body, complete
-FROM handrail_idempotency WHERE tool = ? AND key = ?
-"""
-
-_COMPLETE = """
-UPDATE handrail_idempotency
-SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?
-WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
-"""
-
-_RELEASE = """
-DELETE FROM handrail_idempotency
-WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
-"""
-
-_RUN_COUNTERS = """
-SELECT r.calls, r.writes, r.denied, c.n
-FROM (SELECT 1) AS one
-LEFT JOIN handrail_runs AS r ON r.run_id = :run
-LEFT JOIN handrail_run_calls AS c ON c.run_id = :run AND c.fingerprint = :fp
-"""
-
-_COUNT_CALL = """
-INSERT INTO handrail_runs AS r (run_id, calls, writes, denied, updated_at, last_fingerprint)
-VALUES (?, 1, ?, ?, ?, ?)
-ON CONFLICT (run_id) DO UPDATE SET
-    calls = r.calls + 1, writes = r.writes + excluded.writes,
-    denied = r.denied + excluded.denied, updated_at = excluded.updated_at,
-    last_fingerprint = excluded.last_fingerprint
-"""
-
-_PURGE = {
-    "handrail_idempotency": "expires_at <= ?1 AND (state = 'completed' OR lease_until <= ?1)",
-    "handrail_runs": "updated_at <= ?",
-    "handrail_run_calls": "updated_at <= ?",
-}
 
 
 @contextmanager
@@ -203,59 +104,6 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     return conn
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Apply the migrations above the recorded version, in one immediate transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS handrail_schema "
-            "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        rows = conn.execute(
-            "SELECT version FROM handrail_schema WHERE component = ?", (COMPONENT,)
-        ).fetchall()
-        current = int(rows[0][0]) if rows else 0
-        latest = MIGRATIONS[-1][0]
-        if current > latest:
-            logger.warning(
-                "the SQLite store's schema is version %d, newer than this proxy's %d",
-                current,
-                latest,
-            )
-        for version, statements in MIGRATIONS:
-            if version <= current:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO handrail_schema (component, version) VALUES (?, ?) "
-                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                (COMPONENT, version),
-            )
-            logger.info("migrated the SQLite store to schema version %d", version)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _purge(conn: sqlite3.Connection, cutoffs: dict[str, float]) -> dict[str, int]:
-    """Delete in batches of ``PURGE_BATCH`` rows, each its own short write transaction."""
-    purged = dict.fromkeys(_PURGE, 0)
-    for table, condition in _PURGE.items():
-        sql = (
-            f"DELETE FROM {table} WHERE rowid IN "
-            f"(SELECT rowid FROM {table} WHERE {condition} LIMIT {PURGE_BATCH})"
-        )
-        while True:
-            deleted = conn.execute(sql, (cutoffs[table],)).rowcount
-            purged[table] += deleted
-            if deleted < PURGE_BATCH:
-                break
-    return purged
 
 
 class _Checkpointer(threading.Thread):
@@ -353,7 +201,7 @@ class SqliteStore:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            _migrate(conn)
+            migrate(conn)
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA busy_timeout = 0")
         except BaseException:
@@ -458,9 +306,9 @@ class SqliteStore:
                 "lease_until": now + lease_s,
                 "expires_at": now + ttl_s,
             }
-            if await self._fetch(_CLAIM, params):
+            if await self._fetch(CLAIM, params):
                 return Claim(ClaimState.OWNED, owner=owner)
-            rows = await self._fetch(_READ, (tool, key))
+            rows = await self._fetch(READ, (tool, key))
             if not rows:
                 continue  # released between the two statements: claim again
             fp, state, lease_until, expires_at, status, headers, body, complete = rows[0]
@@ -490,9 +338,9 @@ class SqliteStore:
             owner,
         )
         if len(response.body) > SIDE_BODY_BYTES:
-            done = await self._aside(lambda conn: conn.execute(_COMPLETE, params).rowcount)
+            done = await self._aside(lambda conn: conn.execute(COMPLETE, params).rowcount)
         else:
-            done = await self._changes(_COMPLETE, params)
+            done = await self._changes(COMPLETE, params)
         if not done:
             logger.warning(
                 "idempotency key %r was no longer ours to complete (lease ran out)",
@@ -501,7 +349,7 @@ class SqliteStore:
             )
 
     async def release(self, tool: str, key: str, owner: str) -> None:
-        if not await self._changes(_RELEASE, (tool, key, owner)):
+        if not await self._changes(RELEASE, (tool, key, owner)):
             logger.info(
                 "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
             )
@@ -514,13 +362,13 @@ class SqliteStore:
             "handrail_runs": now - self.run_ttl_s,
             "handrail_run_calls": now - self.run_ttl_s,
         }
-        purged = await self._aside(lambda conn: _purge(conn, cutoffs))
+        purged = await self._aside(lambda conn: purge(conn, cutoffs))
         if any(purged.values()):
             logger.info("purged expired store records: %s", purged)
         return purged["handrail_idempotency"]
 
     async def run_counters(self, run_id: str, call_fingerprint: str) -> RunCounters:
-        rows = await self._fetch(_RUN_COUNTERS, {"run": run_id, "fp": call_fingerprint})
+        rows = await self._fetch(RUN_COUNTERS, {"run": run_id, "fp": call_fingerprint})
         calls, writes, denied, repeats = rows[0]
         return RunCounters(
             calls=calls or 0, writes=writes or 0, denied=denied or 0, repeats=repeats or 0
@@ -530,4 +378,4 @@ class SqliteStore:
         self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
     ) -> None:
         params = (run_id, int(write), int(denied), time.time(), call_fingerprint)
-        await self._changes(_COUNT_CALL, params)
+        await self._changes(COUNT_CALL, params)
