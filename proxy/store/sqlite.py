@@ -106,6 +106,26 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch to WAL, retrying while another opener holds the lock.
+
+    SQLite answers a concurrent journal-mode change with "database is locked" at once,
+    without its busy handler, so replicas starting together would fail. This runs in the
+    open thread, so sleeping here never stalls the event loop.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 class _Checkpointer(threading.Thread):
     """Copies the WAL back into the database off the loop, so the WAL stays small."""
 
@@ -199,7 +219,7 @@ class SqliteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(self.path, self.busy_timeout_ms)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn, self.busy_timeout_ms / 1000)
             conn.execute("PRAGMA synchronous = NORMAL")
             migrate(conn)
             conn.execute("PRAGMA wal_autocheckpoint = 0")

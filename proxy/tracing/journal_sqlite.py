@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ class SqliteJournalDb:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if create:
-                await conn.execute("PRAGMA journal_mode = WAL")
+                await _enable_wal(conn)
                 await conn.execute("PRAGMA synchronous = NORMAL")
                 await self._migrate(conn)
                 present = True
@@ -199,3 +200,18 @@ class SqliteJournalDb:
         )
         removed += max(cursor.rowcount, 0)
         return removed
+
+
+async def _enable_wal(conn: aiosqlite.Connection) -> None:
+    """Switch to WAL; SQLite refuses a concurrent switch at once, so retry for a while."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
