@@ -34,7 +34,8 @@ PY = sys.executable
 NEW_KEY_LUA = r"""
 local counter = 0
 local prefix = os.getenv("BENCH_PREFIX") or "b"
-function setup(thread) thread:set("tid", tostring(math.random(1, 1000000000))) end
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", tostring(threads)) end
 request = function()
   counter = counter + 1
   local headers = {}
@@ -76,14 +77,16 @@ end
 
 MCP_LUA = r"""
 local counter = 0
-function setup(thread) thread:set("tid", math.random(1, 1000000)) end
+local prefix = os.getenv("BENCH_PREFIX") or "b"
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 request = function()
   counter = counter + 1
   local headers = {}
   headers["Content-Type"] = "application/json"
   headers["Accept"] = "application/json, text/event-stream"
   headers["X-Agent-Id"] = "bench-agent"
-  headers["X-Run-Id"] = "mcp-" .. tid .. "-" .. math.floor(counter / 20)
+  headers["X-Run-Id"] = "mcp-" .. prefix .. "-" .. tid .. "-" .. math.floor(counter / 20)
   local a = tid * 1000000 + counter
   return wrk.format("POST", nil, headers, '{"jsonrpc":"2.0","id":' .. counter .. ',"method":"tools/call","params":{"name":"add","arguments":{"a":' .. a .. ',"b":2}}}')
 end
@@ -139,7 +142,9 @@ def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> 
         str(script),
         url,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # A fresh prefix per run: keys and run ids never collide with an earlier measurement.
+    env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -266,8 +271,7 @@ def main() -> int:
     }
     procs = Processes()
     results: list[Result] = []
-    env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
-    os.environ["BENCH_PREFIX"] = env["BENCH_PREFIX"]
+    env = dict(os.environ)
     try:
         procs.start(
             [PY, str(ROOT / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])],

@@ -89,7 +89,10 @@ class PolicyConfig(_Model):
     watch: bool = True
     """embedded: re-compile when a file under ``path`` changes."""
     workers: int = Field(2, ge=1, le=64)
-    """embedded: evaluation threads (regopy releases the GIL)."""
+    """embedded: how many evaluators run at once (processes or threads, see isolation)."""
+    isolation: Literal["process", "thread"] = "process"
+    """embedded: evaluate in worker processes (a crash in the Rego engine cannot take the
+    proxy down, and evaluation never contends for the proxy's GIL) or in threads."""
 
     @field_validator("entrypoint")
     @classmethod
