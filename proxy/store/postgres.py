@@ -19,16 +19,16 @@ import asyncpg
 
 from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
 from proxy.errors import StoreUnavailable
+from proxy.migrations import Migrations, migrate_postgres
 
 logger = logging.getLogger(__name__)
 
 COMPONENT = "store"
 RUN_TTL_S = 7 * 86400.0
 PURGE_BATCH = 1000
-SCHEMA_LOCK = 0x68616E6472616C  # pg_advisory_xact_lock key shared by every component's migrations
 _CLAIM_ATTEMPTS = 5
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (
         1,
         (
@@ -235,43 +235,12 @@ class PostgresStore:
             raise StoreUnavailable(f"cannot connect to the PostgreSQL store: {exc}") from exc
         self._pool = pool
         try:
-            await self._migrate()
+            async with self._connection() as conn:
+                await migrate_postgres(conn, COMPONENT, MIGRATIONS, "PostgreSQL store")
         except BaseException:
             self._pool = None
             pool.terminate()
             raise
-
-    async def _migrate(self) -> None:
-        """Apply the migrations above the recorded version; an advisory lock serializes replicas."""
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS handrail_schema "
-                "(component text PRIMARY KEY, version integer NOT NULL)"
-            )
-            current = await conn.fetchval(
-                "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
-            )
-            current = int(current or 0)
-            latest = MIGRATIONS[-1][0]
-            if current > latest:
-                logger.warning(
-                    "the PostgreSQL store's schema is version %d, newer than this proxy's %d",
-                    current,
-                    latest,
-                )
-            for version, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO handrail_schema (component, version) VALUES ($1, $2) "
-                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                    COMPONENT,
-                    version,
-                )
-                logger.info("migrated the PostgreSQL store to schema version %d", version)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -8,13 +8,15 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from proxy.migrations import Migrations, migrate_sqlite
+
 logger = logging.getLogger(__name__)
 
 COMPONENT = "store"
 """This schema's row in ``handrail_schema`` (the journal keeps its own)."""
 PURGE_BATCH = 1000
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (
         1,
         (
@@ -124,40 +126,7 @@ PURGE_WHERE = {
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Apply the migrations above the recorded version, in one immediate transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS handrail_schema "
-            "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        rows = conn.execute(
-            "SELECT version FROM handrail_schema WHERE component = ?", (COMPONENT,)
-        ).fetchall()
-        current = int(rows[0][0]) if rows else 0
-        latest = MIGRATIONS[-1][0]
-        if current > latest:
-            logger.warning(
-                "the SQLite store's schema is version %d, newer than this proxy's %d",
-                current,
-                latest,
-            )
-        for version, statements in MIGRATIONS:
-            if version <= current:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO handrail_schema (component, version) VALUES (?, ?) "
-                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                (COMPONENT, version),
-            )
-            logger.info("migrated the SQLite store to schema version %d", version)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    migrate_sqlite(conn, COMPONENT, MIGRATIONS, "SQLite store")
 
 
 def purge(conn: sqlite3.Connection, cutoffs: dict[str, float]) -> dict[str, int]:

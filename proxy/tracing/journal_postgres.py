@@ -8,15 +8,15 @@ from typing import Any
 
 import asyncpg
 
+from proxy.migrations import Migrations, migrate_postgres
 from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 5.0
-SCHEMA_LOCK = 0x68616E6472616C
 """The advisory lock every component's migrations take (the store's too): one at a time."""
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (
         1,
         (
@@ -75,7 +75,7 @@ class PostgresJournalDb:
         try:
             async with pool.acquire() as conn:
                 if create:
-                    await self._migrate(conn)
+                    await migrate_postgres(conn, COMPONENT, MIGRATIONS, "PostgreSQL journal")
                     present = True
                 else:
                     present = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", TABLE)
@@ -84,39 +84,6 @@ class PostgresJournalDb:
             raise
         self._pool = pool
         return bool(present)
-
-    async def _migrate(self, conn: Any) -> None:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS handrail_schema "
-                "(component text PRIMARY KEY, version integer NOT NULL)"
-            )
-            current = int(
-                await conn.fetchval(
-                    "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
-                )
-                or 0
-            )
-            latest = MIGRATIONS[-1][0]
-            if current > latest:
-                logger.warning(
-                    "the journal's schema is version %d, newer than this proxy's %d",
-                    current,
-                    latest,
-                )
-            for version, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO handrail_schema (component, version) VALUES ($1, $2) "
-                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                    COMPONENT,
-                    version,
-                )
-                logger.info("migrated the PostgreSQL journal to schema version %d", version)
 
     def _pool_or_fail(self) -> asyncpg.Pool:
         if self._pool is None:

@@ -18,13 +18,14 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.migrations import Migrations, migrate_sqlite
 from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+MIGRATIONS: Migrations = (
     (
         1,
         (
@@ -97,7 +98,12 @@ class SqliteJournalDb:
             if create:
                 await _enable_wal(conn)
                 await conn.execute("PRAGMA synchronous = NORMAL")
-                await self._migrate(conn)
+                if memory:  # a private database: nothing to version or race with
+                    for _, statements in MIGRATIONS:
+                        for statement in statements:
+                            await conn.execute(statement)
+                else:
+                    await asyncio.to_thread(_migrate_file, self.path)
                 present = True
             else:
                 rows = await conn.execute_fetchall(
@@ -109,42 +115,6 @@ class SqliteJournalDb:
             raise
         self._conn = conn
         return present
-
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS handrail_schema "
-                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-            rows = list(
-                await conn.execute_fetchall(
-                    "SELECT version FROM handrail_schema WHERE component = ?", (COMPONENT,)
-                )
-            )
-            current = int(rows[0][0]) if rows else 0
-            latest = MIGRATIONS[-1][0]
-            if current > latest:
-                logger.warning(
-                    "the journal's schema is version %d, newer than this proxy's %d",
-                    current,
-                    latest,
-                )
-            for version, statements in MIGRATIONS:
-                if version <= current:
-                    continue
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO handrail_schema (component, version) VALUES (?, ?) "
-                    "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                    (COMPONENT, version),
-                )
-                logger.info("migrated the SQLite journal to schema version %d", version)
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
 
     def _connection(self) -> aiosqlite.Connection:
         if self._conn is None:
@@ -215,3 +185,12 @@ async def _enable_wal(conn: aiosqlite.Connection) -> None:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def _migrate_file(path: str) -> None:
+    """Migrations on a connection of their own: the shared code is synchronous."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        migrate_sqlite(conn, COMPONENT, MIGRATIONS, "SQLite journal")
+    finally:
+        conn.close()
