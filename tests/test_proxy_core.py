@@ -300,3 +300,10 @@ async def test_admin_token_is_required_when_configured(tool, aiohttp_client, mak
     assert (await admin.get("/metrics", headers={"Authorization": "Bearer wrong"})).status == 401
     assert (await admin.get("/metrics", headers={"Authorization": "Bearer s3cret"})).status == 200
     assert (await admin.get("/healthz")).status == 200
+
+
+async def test_agents_own_key_passes_through_when_the_tool_is_not_keyed(tool, make_proxy: ProxyFactory) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(server))  # idempotency: off
+    await proxy.post("/tools/crm/x", json={}, headers={"Idempotency-Key": "agent-key-1"})
+    assert seen.requests[-1]["headers"]["Idempotency-Key"] == "agent-key-1"

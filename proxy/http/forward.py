@@ -32,14 +32,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Set by the proxy itself for the upstream hop, never taken from the agent.
-_NOT_FORWARDED = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "idempotency-key",
-    "traceparent",
-    "tracestate",
-}
+# Set by the proxy itself for the upstream hop, never taken from the agent. (The agent's
+# Idempotency-Key passes through unless the proxy keys the call, which replaces it.)
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "traceparent", "tracestate"}
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "server", "date"}
 
 _CHUNK = 64 * 1024
