@@ -307,3 +307,13 @@ async def test_agents_own_key_passes_through_when_the_tool_is_not_keyed(tool, ma
     proxy = await make_proxy(crm(server))  # idempotency: off
     await proxy.post("/tools/crm/x", json={}, headers={"Idempotency-Key": "agent-key-1"})
     assert seen.requests[-1]["headers"]["Idempotency-Key"] == "agent-key-1"
+
+
+async def test_malformed_json_body_is_400_and_never_reaches_the_tool(tool, make_proxy: ProxyFactory) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(server))
+    resp = await proxy.post("/tools/crm/x", data=b'{"note": "sk-live-123",', headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["code"] == "bad_request" and "not valid JSON" in error["message"]
+    assert seen.count() == 0

@@ -115,14 +115,21 @@ async def mcp_meta_parent(request: web.Request, tool: ToolConfig, parent: Contex
 
 
 def parse_json_body(content_type: str, body: bytes) -> Any:
-    """The body as JSON for the policy, or ``None`` when it is empty or not JSON."""
+    """The body as JSON for the policy, or ``None`` when it is empty or not JSON.
+
+    A body that says it is JSON must parse: the policy decides on what it reads, so a
+    malformed one is refused (400) rather than passed on unseen.
+    """
     if not body:
         return None
-    if "json" not in content_type and body[:1] not in (b"{", b"["):
+    declared = "json" in content_type.lower()
+    if not declared and body[:1] not in (b"{", b"["):
         return None
     try:
         return json.loads(body)
-    except ValueError:
+    except ValueError as exc:
+        if declared:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
         return None
 
 
