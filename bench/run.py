@@ -240,6 +240,29 @@ def plot(results: list[Result], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The run's tables, ready for BENCHMARKS.md."""
+    lines = [
+        "| load | connections | req/s | p50 ms | p99 ms | non-2xx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["results"]:
+        lines.append(
+            f"| {r['name']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['non_2xx']} |"
+        )
+    lines += ["", "| ratio (same run) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
+    memory = summary["memory"]
+    lines += ["", f"Handrail peak RSS: {memory['peak_rss_kb'] / 1024:.1f} MiB"]
+    if "soak" in memory:
+        lines.append(
+            "Soak RSS (calls: MiB): "
+            + ", ".join(f"{s['calls']}: {s['rss_kb'] / 1024:.1f}" for s in memory["soak"])
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -367,6 +390,7 @@ def main() -> int:
         "results": [asdict(r) for r in results],
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(markdown(summary))
     print("\nRatios (same run):")
     for key, value in summary["ratios"].items():
         print(f"  {key}: {value:.3f}")
