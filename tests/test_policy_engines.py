@@ -26,7 +26,7 @@ from proxy.errors import ConfigError, PolicyUnavailable
 from proxy.policy import engine_from_config, regoinput
 from proxy.policy.base import PolicyEngine
 from proxy.policy.bundle import compile_policy, new_interpreter
-from proxy.policy.embedded import EmbeddedEngine
+from proxy.policy.embedded import EmbeddedEngine, Isolation
 from proxy.policy.opa_rest import OpaEngine
 from proxy.policy.query import evaluate, first_query_value, read_output, thread_interpreter
 from tests.conftest import free_port
@@ -142,17 +142,29 @@ async def opa_server(aiohttp_server: ServerFactory) -> TestServer:
     return await aiohttp_server(build_opa_app(SHIPPED, slow_s=1.0))
 
 
-@pytest.fixture(params=["embedded", "opa"])
+@pytest.fixture(params=["process", "thread"])
+def isolation(request: pytest.FixtureRequest) -> Isolation:
+    """The embedded engine in worker processes (the default) and in threads."""
+    value: Isolation = request.param
+    return value
+
+
+@pytest.fixture(params=["embedded-process", "embedded-thread", "opa"])
 async def engine(
     request: pytest.FixtureRequest, aiohttp_server: ServerFactory
 ) -> AsyncIterator[PolicyEngine]:
-    if request.param == "embedded":
-        config = PolicyConfig(path=SHIPPED, watch=False)
+    policy_engine: PolicyEngine
+    if request.param == "embedded-process":
+        policy_engine = engine_from_config(PolicyConfig(path=SHIPPED, watch=False))
+    elif request.param == "embedded-thread":
+        policy_engine = EmbeddedEngine(
+            SHIPPED, "handrail/decision", watch=False, isolation="thread"
+        )
     else:
         server = await aiohttp_server(build_opa_app(SHIPPED))
         url = str(server.make_url("")).rstrip("/")
         config = PolicyConfig(engine="opa", opa={"url": url, "timeout_ms": 2000})  # type: ignore[arg-type]
-    policy_engine = engine_from_config(config)
+        policy_engine = engine_from_config(config)
     await policy_engine.start()
     yield policy_engine
     await policy_engine.close()
@@ -319,24 +331,28 @@ def policy_path(tmp_path: Path, source: str) -> Path:
     return directory
 
 
-async def test_broken_policy_at_start_names_the_file(tmp_path: Path) -> None:
-    engine = EmbeddedEngine(policy_path(tmp_path, BROKEN), "handrail/decision", watch=False)
+async def test_broken_policy_at_start_names_the_file(tmp_path: Path, isolation: Isolation) -> None:
+    engine = EmbeddedEngine(
+        policy_path(tmp_path, BROKEN), "handrail/decision", isolation=isolation, watch=False
+    )
     with pytest.raises(ConfigError, match=r"handrail\.rego:\d+:\d+: "):
         await engine.start()
     await engine.close()
 
 
-async def test_missing_decision_rule_fails_start(tmp_path: Path) -> None:
+async def test_missing_decision_rule_fails_start(tmp_path: Path, isolation: Isolation) -> None:
     engine = EmbeddedEngine(
-        policy_path(tmp_path, "package handrail\n\nx := 1\n"), "handrail/decision"
+        policy_path(tmp_path, "package handrail\n\nx := 1\n"),
+        "handrail/decision",
+        isolation=isolation,
     )
     with pytest.raises(ConfigError, match="no rule 'decision' in package handrail"):
         await engine.start()
 
 
-async def test_reload_picks_up_a_changed_policy(tmp_path: Path) -> None:
+async def test_reload_picks_up_a_changed_policy(tmp_path: Path, isolation: Isolation) -> None:
     path = policy_path(tmp_path, ALLOW_ALL)
-    engine = EmbeddedEngine(path, "handrail/decision", watch=False)
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
     await engine.start()
     try:
         assert (await engine.decide(doc())).allow is True
@@ -349,9 +365,11 @@ async def test_reload_picks_up_a_changed_policy(tmp_path: Path) -> None:
     assert (decision.allow, decision.reasons) == (False, ("closed for maintenance",))
 
 
-async def test_file_watch_picks_up_a_changed_policy(tmp_path: Path) -> None:
+async def test_file_watch_picks_up_a_changed_policy(tmp_path: Path, isolation: Isolation) -> None:
     path = policy_path(tmp_path, ALLOW_ALL)
-    engine = EmbeddedEngine(path, "handrail/decision", watch=True, watch_interval_s=0.05)
+    engine = EmbeddedEngine(
+        path, "handrail/decision", isolation=isolation, watch=True, watch_interval_s=0.05
+    )
     await engine.start()
     try:
         (path / "handrail.rego").write_text(DENY_ALL)
@@ -365,9 +383,11 @@ async def test_file_watch_picks_up_a_changed_policy(tmp_path: Path) -> None:
     assert decision.reasons == ("closed for maintenance",)
 
 
-async def test_broken_reload_keeps_the_last_good_policy(tmp_path: Path) -> None:
+async def test_broken_reload_keeps_the_last_good_policy(
+    tmp_path: Path, isolation: Isolation
+) -> None:
     path = policy_path(tmp_path, DENY_ALL)
-    engine = EmbeddedEngine(path, "handrail/decision", watch=False)
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
     await engine.start()
     try:
         (path / "handrail.rego").write_text(BROKEN)
@@ -381,12 +401,14 @@ async def test_broken_reload_keeps_the_last_good_policy(tmp_path: Path) -> None:
     assert "handrail.rego:" in status.detail
 
 
-async def test_undefined_decision_fails_closed(tmp_path: Path) -> None:
+async def test_undefined_decision_fails_closed(tmp_path: Path, isolation: Isolation) -> None:
     source = (
         "package handrail\n\nimport rego.v1\n\n"
         'decision := {"allow": true} if input.agent.id == "x"\n'
     )
-    engine = EmbeddedEngine(policy_path(tmp_path, source), "handrail/decision", watch=False)
+    engine = EmbeddedEngine(
+        policy_path(tmp_path, source), "handrail/decision", isolation=isolation, watch=False
+    )
     await engine.start()
     try:
         with pytest.raises(PolicyUnavailable, match="undefined"):
@@ -395,11 +417,13 @@ async def test_undefined_decision_fails_closed(tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_malformed_decision_is_a_deny(tmp_path: Path) -> None:
+async def test_malformed_decision_is_a_deny(tmp_path: Path, isolation: Isolation) -> None:
     source = (
         'package handrail\n\nimport rego.v1\n\ndecision := {"allow": true, "reasons": "fine"}\n'
     )
-    engine = EmbeddedEngine(policy_path(tmp_path, source), "handrail/decision", watch=False)
+    engine = EmbeddedEngine(
+        policy_path(tmp_path, source), "handrail/decision", isolation=isolation, watch=False
+    )
     await engine.start()
     try:
         decision = await engine.decide(doc())
@@ -411,14 +435,18 @@ async def test_malformed_decision_is_a_deny(tmp_path: Path) -> None:
     )
 
 
-async def test_slow_evaluation_fails_closed(tmp_path: Path) -> None:
+async def test_slow_evaluation_fails_closed(tmp_path: Path, isolation: Isolation) -> None:
     source = (
         "package handrail\n\nimport rego.v1\n\n"
         "_n := count([x | some x in numbers.range(1, 200000); x % 7 == 0])\n\n"
         'decision := {"allow": _n > 0}\n'
     )
     engine = EmbeddedEngine(
-        policy_path(tmp_path, source), "handrail/decision", watch=False, timeout_s=0.001
+        policy_path(tmp_path, source),
+        "handrail/decision",
+        isolation=isolation,
+        watch=False,
+        timeout_s=0.001,
     )
     await engine.start()
     try:
@@ -428,7 +456,7 @@ async def test_slow_evaluation_fails_closed(tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_data_files_load_under_their_directory(tmp_path: Path) -> None:
+async def test_data_files_load_under_their_directory(tmp_path: Path, isolation: Isolation) -> None:
     source = (
         "package handrail\n\nimport rego.v1\n\n"
         "_ok if {\n\tdata.limits.max == 3\n\tdata.top == 1\n}\n\n"
@@ -439,7 +467,7 @@ async def test_data_files_load_under_their_directory(tmp_path: Path) -> None:
     (path / "data.json").write_text('{"top": 1}')
     (path / "limits").mkdir()
     (path / "limits" / "data.json").write_text('{"max": 3}')
-    engine = EmbeddedEngine(path, "handrail/decision", watch=False)
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
     await engine.start()
     try:
         assert (await engine.decide(doc())).allow is True
@@ -447,10 +475,10 @@ async def test_data_files_load_under_their_directory(tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_test_modules_are_not_served(tmp_path: Path) -> None:
+async def test_test_modules_are_not_served(tmp_path: Path, isolation: Isolation) -> None:
     path = policy_path(tmp_path, ALLOW_ALL)
     (path / "handrail_test.rego").write_text("package handrail_test\n\nthis does not parse {\n")
-    engine = EmbeddedEngine(path, "handrail/decision", watch=False)
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
     await engine.start()
     try:
         assert (await engine.decide(doc())).allow is True
@@ -458,8 +486,12 @@ async def test_test_modules_are_not_served(tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_policy_without_visible_shows_every_tool(tmp_path: Path) -> None:
-    engine = EmbeddedEngine(policy_path(tmp_path, ALLOW_ALL), "handrail/decision", watch=False)
+async def test_policy_without_visible_shows_every_tool(
+    tmp_path: Path, isolation: Isolation
+) -> None:
+    engine = EmbeddedEngine(
+        policy_path(tmp_path, ALLOW_ALL), "handrail/decision", isolation=isolation, watch=False
+    )
     await engine.start()
     try:
         assert await engine.visible(mcp("x", "y", {})) is True
@@ -467,10 +499,12 @@ async def test_policy_without_visible_shows_every_tool(tmp_path: Path) -> None:
         await engine.close()
 
 
-async def test_shipped_policies_copy_serves_the_demo_decisions(tmp_path: Path) -> None:
+async def test_shipped_policies_copy_serves_the_demo_decisions(
+    tmp_path: Path, isolation: Isolation
+) -> None:
     path = tmp_path / "copy"
     shutil.copytree(SHIPPED, path)
-    engine = EmbeddedEngine(path, "handrail/decision", watch=False)
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
     await engine.start()
     try:
         allowed = await engine.decide(doc())
@@ -481,9 +515,13 @@ async def test_shipped_policies_copy_serves_the_demo_decisions(tmp_path: Path) -
     assert denied.allow is False and denied.reasons
 
 
-async def test_with_in_a_served_module_is_refused_not_a_crash(tmp_path: Path) -> None:
+async def test_with_in_a_served_module_is_refused_not_a_crash(
+    tmp_path: Path, isolation: Isolation
+) -> None:
     source = ALLOW_ALL + '\nx := count(input.l)\n\ny := x with input as {"l": [1]}\n'
-    engine = EmbeddedEngine(policy_path(tmp_path, source), "handrail/decision", watch=False)
+    engine = EmbeddedEngine(
+        policy_path(tmp_path, source), "handrail/decision", isolation=isolation, watch=False
+    )
     with pytest.raises(ConfigError, match=r"handrail\.rego:9: 'with \.\.\. as' is not supported"):
         await engine.start()
 

@@ -29,4 +29,5 @@ def engine_from_config(config: PolicyConfig) -> PolicyEngine:
         config.entrypoint,
         workers=config.workers,
         watch=config.watch,
+        isolation=config.isolation,
     )

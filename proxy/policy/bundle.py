@@ -202,15 +202,24 @@ def load_interpreter(files: PolicyFiles) -> Any:
     return interpreter
 
 
-def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
-    """Read and compile the served files; ``ConfigError`` names the file and line."""
-    files = read_policy_files(root)
+def served_visible(root: Path, files: PolicyFiles, entrypoint: str) -> str | None:
+    """Check the files can be served (pure Python, no rego-cpp) and find the ``visible`` rule.
+
+    Raises ``ConfigError`` when the decision rule is missing or a module uses ``with``
+    (compiling that aborts rego-cpp); returns ``{package}/visible`` when it is defined.
+    """
     package, _, rule = entrypoint.rpartition("/")
     dotted = package.replace("/", ".")
     if not _defines(files.modules, dotted, rule):
         raise ConfigError(f"{root}: no rule {rule!r} in package {dotted or '(none)'}")
     visible = f"{package}/visible" if _defines(files.modules, dotted, "visible") else None
     _refuse_with(files.modules)
+    return visible
+
+
+def compile_files(root: Path, files: PolicyFiles, entrypoint: str) -> CompiledPolicy:
+    """Compile files already read; ``ConfigError`` names the file and line."""
+    visible = served_visible(root, files, entrypoint)
     interpreter = load_interpreter(files)
     entrypoints = [entrypoint] if visible is None else [entrypoint, visible]
     try:
@@ -227,3 +236,8 @@ def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
         revision=files.revision,
         modules=len(files.modules),
     )
+
+
+def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
+    """Read and compile the served files; ``ConfigError`` names the file and line."""
+    return compile_files(root, read_policy_files(root), entrypoint)

@@ -1,9 +1,12 @@
-"""The embedded engine: the policy files compiled in-process with regopy (rego-cpp).
+"""The embedded engine: the policy files compiled with regopy (rego-cpp).
 
-The policy is compiled once into a bundle (``proxy.policy.bundle``); each decision runs it
-in a dedicated thread pool (regopy releases the GIL) on that thread's interpreter
-(``proxy.policy.query``), bounded by a timeout. A policy that stops compiling on reload
-leaves the last good bundle serving; every failure is fail-closed.
+With ``isolation="process"`` (the default) rego-cpp runs only in worker processes
+(``proxy.policy.pool``, ``proxy.policy.worker``): a crash in it cannot take the proxy down,
+and evaluation never contends for the proxy's GIL. With ``isolation="thread"`` the bundle
+runs in-process on a dedicated thread pool (regopy releases the GIL), one interpreter per
+thread (``proxy.policy.query``). Either way each decision is bounded by a timeout, a policy
+that stops compiling on reload leaves the last good one serving, and every failure is
+fail-closed.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import contextlib
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from proxy.call import Decision
 from proxy.errors import ConfigError, PolicyUnavailable
@@ -22,15 +26,19 @@ from proxy.policy.base import EngineStatus
 from proxy.policy.bundle import (
     CompiledPolicy,
     PolicyFiles,
+    compile_files,
     compile_policy,
     describe_rego_error,
     is_test_module,
     load_interpreter,
     policy_paths,
     read_policy_files,
+    served_visible,
 )
 from proxy.policy.decision import decision_from_value, visible_from_value
+from proxy.policy.pool import WorkerPool
 from proxy.policy.query import evaluate, first_query_value, node_value
+from proxy.policy.worker import load_message
 
 __all__ = [
     "CompiledPolicy",
@@ -52,6 +60,8 @@ logger = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
 EVAL_TIMEOUT_S = 1.0
 
+Isolation = Literal["process", "thread"]
+
 
 def _snapshot(root: Path) -> tuple[tuple[str, int, int], ...]:
     try:
@@ -66,68 +76,74 @@ def _snapshot(root: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(stamps)
 
 
-class EmbeddedEngine:
-    """In-process Rego; ``decide`` costs tens of microseconds plus a thread hop."""
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """What ``status()`` reports about the policy being served."""
 
-    name = "embedded"
+    revision: str
+    modules: int
+    visible: bool
 
-    def __init__(
-        self,
-        path: Path,
-        entrypoint: str,
-        workers: int = 2,
-        watch: bool = True,
-        timeout_s: float = EVAL_TIMEOUT_S,
-        watch_interval_s: float = WATCH_INTERVAL_S,
-    ) -> None:
-        self.path = Path(path)
-        self.entrypoint = entrypoint.strip("/")
-        self.workers = workers
-        self.watch = watch
-        self.timeout_s = timeout_s
-        self.watch_interval_s = watch_interval_s
-        self._compiled: CompiledPolicy | None = None
-        self._error: str | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-        self._stamps: tuple[tuple[str, int, int], ...] = ()
 
-    async def start(self) -> None:
-        """Compile the policy (a ConfigError names the bad file) and start the watcher."""
-        loop = asyncio.get_running_loop()
-        stamps = await loop.run_in_executor(None, _snapshot, self.path)
-        self._compiled = await loop.run_in_executor(
-            None, compile_policy, self.path, self.entrypoint
-        )
-        self._stamps = stamps
-        self._error = None
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="handrail-rego")
-        logger.info(
-            "embedded policy loaded from %s (revision %s)",
-            self.path,
-            self._compiled.revision,
-            extra={"policy_revision": self._compiled.revision},
-        )
-        if self.watch:
-            self._watcher = asyncio.create_task(self._watch(), name="handrail-policy-watch")
+class _Evaluators(Protocol):
+    """Where the compiled policy runs: worker processes or in-process threads."""
+
+    async def start(self, root: Path, files: PolicyFiles, entrypoint: str) -> None: ...
+
+    async def load(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        """Switch to ``files`` only if they compile (``ConfigError`` keeps the old ones)."""
+
+    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]: ...
+
+    def problem(self) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Processes:
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.pool = WorkerPool(workers, timeout_s)
+
+    async def start(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        await self.pool.start(load_message(root, entrypoint, files))
+
+    async def load(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        message = load_message(root, entrypoint, files)
+        await self.pool.check(message)
+        await self.pool.load(message)
+
+    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
+        return await self.pool.evaluate(rule, document)
+
+    def problem(self) -> str | None:
+        return self.pool.problem()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        await self.pool.close()
 
-    async def _run(self, entrypoint_of: str, document: dict[str, Any]) -> tuple[bool, Any]:
-        compiled, executor = self._compiled, self._executor
+
+class _Threads:
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.compiled: CompiledPolicy | None = None
+        self.executor: ThreadPoolExecutor | None = None
+
+    async def start(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        await self.load(root, files, entrypoint)
+        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="handrail-rego")
+
+    async def load(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.compiled = await loop.run_in_executor(None, compile_files, root, files, entrypoint)
+
+    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
+        compiled, executor = self.compiled, self.executor
         if compiled is None or executor is None:
             raise PolicyUnavailable("the embedded policy engine is not started")
-        entrypoint = compiled.decision if entrypoint_of == "decision" else compiled.visible
-        assert entrypoint is not None
+        entrypoint = compiled.decision if rule == "decision" else compiled.visible
+        if entrypoint is None:
+            return False, None
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(executor, evaluate, compiled.bundle, entrypoint, document)
         try:
@@ -139,6 +155,92 @@ class EmbeddedEngine:
         except RuntimeError as exc:  # the executor was shut down under us
             raise PolicyUnavailable(f"policy engine stopped: {exc}") from None
 
+    def problem(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+
+def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
+    """Read and check the files in pure Python (no rego-cpp): ConfigError names the file."""
+    files = read_policy_files(root)
+    visible = served_visible(root, files, entrypoint)
+    return files, _Served(files.revision, len(files.modules), visible is not None)
+
+
+class EmbeddedEngine:
+    """Rego on rego-cpp: ``decide`` costs tens of microseconds plus a hop to a worker."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        path: Path,
+        entrypoint: str,
+        workers: int = 2,
+        watch: bool = True,
+        timeout_s: float = EVAL_TIMEOUT_S,
+        watch_interval_s: float = WATCH_INTERVAL_S,
+        isolation: Isolation = "process",
+    ) -> None:
+        self.path = Path(path)
+        self.entrypoint = entrypoint.strip("/")
+        self.workers = workers
+        self.watch = watch
+        self.timeout_s = timeout_s
+        self.watch_interval_s = watch_interval_s
+        self.isolation = isolation
+        self._served: _Served | None = None
+        self._evaluators: _Evaluators | None = None
+        self._error: str | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._stamps: tuple[tuple[str, int, int], ...] = ()
+
+    async def start(self) -> None:
+        """Compile the policy (a ConfigError names the bad file) and start the watcher."""
+        loop = asyncio.get_running_loop()
+        stamps = await loop.run_in_executor(None, _snapshot, self.path)
+        files, served = await loop.run_in_executor(None, _read, self.path, self.entrypoint)
+        evaluators: _Evaluators = (
+            _Processes(self.workers, self.timeout_s)
+            if self.isolation == "process"
+            else _Threads(self.workers, self.timeout_s)
+        )
+        await evaluators.start(self.path, files, self.entrypoint)
+        self._evaluators, self._served = evaluators, served
+        self._stamps = stamps
+        self._error = None
+        logger.info(
+            "embedded policy loaded from %s (revision %s, %d worker %s)",
+            self.path,
+            served.revision,
+            self.workers,
+            "processes" if self.isolation == "process" else "threads",
+            extra={"policy_revision": served.revision},
+        )
+        if self.watch:
+            self._watcher = asyncio.create_task(self._watch(), name="handrail-policy-watch")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._evaluators is not None:
+            await self._evaluators.close()
+            self._evaluators = None
+
+    async def _run(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
+        evaluators = self._evaluators
+        if evaluators is None:
+            raise PolicyUnavailable("the embedded policy engine is not started")
+        return await evaluators.evaluate(rule, document)
+
     async def decide(self, document: dict[str, Any]) -> Decision:
         defined, value = await self._run("decision", document)
         if not defined:
@@ -148,8 +250,8 @@ class EmbeddedEngine:
         return decision_from_value(value, uuid.uuid4().hex)
 
     async def visible(self, document: dict[str, Any]) -> bool:
-        compiled = self._compiled
-        if compiled is not None and compiled.visible is None:
+        served = self._served
+        if served is not None and not served.visible:
             return True
         defined, value = await self._run("visible", document)
         return visible_from_value(defined, value)
@@ -160,22 +262,23 @@ class EmbeddedEngine:
             loop = asyncio.get_running_loop()
             stamps = await loop.run_in_executor(None, _snapshot, self.path)
             try:
-                compiled = await loop.run_in_executor(
-                    None, compile_policy, self.path, self.entrypoint
-                )
+                files, served = await loop.run_in_executor(None, _read, self.path, self.entrypoint)
+                if self._evaluators is None:
+                    raise ConfigError("the embedded policy engine is not started")
+                await self._evaluators.load(self.path, files, self.entrypoint)
             except ConfigError as exc:
                 self._stamps = stamps
                 self._error = exc.message
                 logger.error(
                     "policy reload failed, %s: %s",
-                    "serving the last good policy" if self._compiled else "no policy loaded",
+                    "serving the last good policy" if self._served else "no policy loaded",
                     exc.message,
                 )
                 return self.status()
             self._stamps = stamps
-            self._compiled = compiled
+            self._served = served
             self._error = None
-            logger.info("embedded policy reloaded (revision %s)", compiled.revision)
+            logger.info("embedded policy reloaded (revision %s)", served.revision)
             return self.status()
 
     async def _watch(self) -> None:
@@ -192,13 +295,16 @@ class EmbeddedEngine:
                 logger.exception("policy watch failed")
 
     def status(self) -> EngineStatus:
-        compiled = self._compiled
-        if compiled is None:
+        served = self._served
+        if served is None:
             why = self._error or "not started"
             return EngineStatus(ready=False, detail=f"embedded: no policy loaded: {why}")
         detail = (
-            f"embedded: {compiled.modules} module(s) from {self.path}, revision {compiled.revision}"
+            f"embedded: {served.modules} module(s) from {self.path}, revision {served.revision}"
         )
         if self._error:
             detail += f"; serving last good policy; reload failed: {self._error}"
+        problem = self._evaluators.problem() if self._evaluators is not None else "stopped"
+        if problem:
+            return EngineStatus(ready=False, detail=f"{detail}; {problem}")
         return EngineStatus(ready=True, detail=detail)
