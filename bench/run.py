@@ -159,11 +159,26 @@ def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> 
     return result
 
 
-def rss_kb(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """The process and its children (Handrail's policy workers), in KiB."""
+    return _status_kb(pid, field) + sum(rss_kb(child, field) for child in _children(pid))
 
 
 class Processes:
@@ -254,7 +269,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| ratio (same run) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
     memory = summary["memory"]
-    lines += ["", f"Handrail peak RSS: {memory['peak_rss_kb'] / 1024:.1f} MiB"]
+    lines += [
+        "",
+        f"Handrail peak RSS (proxy + policy workers): {memory['peak_rss_kb'] / 1024:.1f} MiB",
+    ]
     if "soak" in memory:
         lines.append(
             "Soak RSS (calls: MiB): "
@@ -394,7 +412,7 @@ def main() -> int:
     print("\nRatios (same run):")
     for key, value in summary["ratios"].items():
         print(f"  {key}: {value:.3f}")
-    print(f"Handrail peak RSS: {memory['peak_rss_kb'] / 1024:.1f} MiB")
+    print(f"Handrail peak RSS (proxy + policy workers): {memory['peak_rss_kb'] / 1024:.1f} MiB")
     if "soak" in memory:
         print(
             "Soak RSS (MiB): "
