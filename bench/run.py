@@ -120,6 +120,8 @@ class Result:
     p99_ms: float
     non_2xx: int
     requests: int
+    proxy_cpu_us: float | None = None
+    """The proxy's CPU (Handrail: with its policy workers) per call during this load."""
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -130,7 +132,9 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
-def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> Result:
+def wrk(
+    name: str, url: str, script: Path, connections: int, seconds: float, watch: int | None = None
+) -> Result:
     threads = 1 if connections == 1 else 2
     cmd = [
         "wrk",
@@ -144,16 +148,21 @@ def wrk(name: str, url: str, script: Path, connections: int, seconds: float) -> 
     ]
     # A fresh prefix per run: keys and run ids never collide with an earlier measurement.
     env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
+    before = cpu_s(watch) if watch else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    used = cpu_s(watch) - before if watch else None
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     result = Result(name, connections, rps, p50, p99, int(non.group(1)) if non else 0, total)
+    if used is not None and total:
+        result.proxy_cpu_us = used / total * 1e6
     print(
         f"  {name:24} c={connections:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-        + (f"  non-2xx {result.non_2xx}" if result.non_2xx else ""),
+        + (f"  non-2xx {result.non_2xx}" if result.non_2xx else "")
+        + (f"  proxy CPU {result.proxy_cpu_us:.0f} us/call" if result.proxy_cpu_us else ""),
         flush=True,
     )
     return result
@@ -181,6 +190,16 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return _status_kb(pid, field) + sum(rss_kb(child, field) for child in _children(pid))
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process and its children (the policy workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        own = 0.0
+    return own + sum(cpu_s(child) for child in _children(pid))
+
+
 class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -205,7 +224,16 @@ class Processes:
                 proc.kill()
 
 
-def handrail_config(work: Path, upstream: int, mcp: int, sink: int, port: int, admin: int) -> Path:
+def handrail_config(
+    work: Path,
+    upstream: int,
+    mcp: int,
+    sink: int,
+    port: int,
+    admin: int,
+    isolation: str = "process",
+    workers: int = 2,
+) -> Path:
     config = {
         "listen": {"port": port},
         "admin": {"port": admin},
@@ -213,7 +241,13 @@ def handrail_config(work: Path, upstream: int, mcp: int, sink: int, port: int, a
             "api": {"upstream": f"http://127.0.0.1:{upstream}", "idempotency": {"mode": "enforce"}},
             "calc": {"upstream": f"http://127.0.0.1:{mcp}/mcp", "kind": "mcp"},
         },
-        "policy": {"engine": "embedded", "path": str(ROOT / "policies"), "watch": False},
+        "policy": {
+            "engine": "embedded",
+            "path": str(ROOT / "policies"),
+            "watch": False,
+            "isolation": isolation,
+            "workers": workers,
+        },
         "store": {"url": f"sqlite:///{work}/handrail.db"},
         "tracing": {
             "exporter": "otlp",
@@ -258,13 +292,14 @@ def plot(results: list[Result], path: Path) -> None:
 def markdown(summary: dict[str, Any]) -> str:
     """The run's tables, ready for BENCHMARKS.md."""
     lines = [
-        "| load | connections | req/s | p50 ms | p99 ms | non-2xx |",
-        "|---|---|---|---|---|---|",
+        "| load | connections | req/s | p50 ms | p99 ms | non-2xx | proxy CPU µs/call |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         lines.append(
             f"| {r['name']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['non_2xx']} |"
+            f"{r['p99_ms']:.2f} | {r['non_2xx']} | "
+            + (f"{r['proxy_cpu_us']:.0f} |" if r.get("proxy_cpu_us") else "|")
         )
     lines += ["", "| ratio (same run) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
@@ -288,6 +323,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run, no plot")
     parser.add_argument("--seconds", type=float, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--isolation", choices=("process", "thread"), default="process")
+    parser.add_argument("--workers", type=int, default=2, help="policy evaluators")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
@@ -318,7 +355,7 @@ def main() -> int:
             [PY, str(ROOT / "bench/servers.py"), "upstream", "--port", str(ports["upstream"])],
             ports["upstream"],
         )
-        procs.start(
+        passthrough = procs.start(
             [
                 PY,
                 str(ROOT / "bench/servers.py"),
@@ -338,7 +375,14 @@ def main() -> int:
             [PY, str(ROOT / "bench/mcp_server.py"), "--port", str(ports["mcp"])], ports["mcp"]
         )
         config = handrail_config(
-            out, ports["upstream"], ports["mcp"], ports["sink"], ports["handrail"], ports["admin"]
+            out,
+            ports["upstream"],
+            ports["mcp"],
+            ports["sink"],
+            ports["handrail"],
+            ports["admin"],
+            args.isolation,
+            args.workers,
         )
         handrail = procs.start(
             [PY, "-m", "proxy.cli", "serve", "-c", str(config)], ports["handrail"], env=env, cwd=out
@@ -353,20 +397,22 @@ def main() -> int:
         for name, url in urls.items():
             wrk(f"warm-up {name}", url, scripts["new_key"], 8, warm)
         print("HTTP POST, a new key per call:")
+        hr = handrail.pid
         for conns in (1, 32):
             for name, url in urls.items():
-                results.append(wrk(name, url, scripts["new_key"], conns, seconds))
+                watch = {"handrail": hr, "pass-through": passthrough.pid}.get(name)
+                results.append(wrk(name, url, scripts["new_key"], conns, seconds, watch))
         print("Replay (the same key and payload) and deny (a secret in the arguments):")
-        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds))
+        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds, hr))
         results.append(wrk("direct (for replay)", urls["direct"], scripts["replay"], 32, seconds))
-        results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds))
+        results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds, hr))
         print("MCP tools/call, new arguments per call:")
         mcp_direct = f"http://127.0.0.1:{ports['mcp']}/mcp"
         mcp_proxy = f"http://127.0.0.1:{ports['handrail']}/tools/calc"
         wrk("warm-up mcp", mcp_proxy, scripts["mcp"], 8, warm)
         for conns in (1, 32):
             results.append(wrk("mcp direct", mcp_direct, scripts["mcp"], conns, seconds))
-            results.append(wrk("mcp handrail", mcp_proxy, scripts["mcp"], conns, seconds))
+            results.append(wrk("mcp handrail", mcp_proxy, scripts["mcp"], conns, seconds, hr))
         memory: dict[str, Any] = {"rss_kb_before_soak": rss_kb(handrail.pid)}
         if not args.quick:
             print("Soak: Handrail at 32 connections until at least 100k calls:")
