@@ -24,6 +24,7 @@ from proxy.store import purge_loop, store_from_config
 from proxy.store.base import Store
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SqliteStore
+from tests.support_relay import PostgresRelay
 
 T = TypeVar("T")
 PG_URL = os.environ.get("HANDRAIL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -466,7 +467,7 @@ async def test_closed_store_is_unavailable(store: Store) -> None:
 
 @pytest.mark.postgres
 async def test_postgres_that_goes_away_is_unavailable(pg_dsn: str) -> None:
-    relay = _Relay()
+    relay = PostgresRelay()
     port = await relay.start()
     store = PostgresStore(pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{port}"), timeout_s=2.0)
     await store.open()
@@ -478,39 +479,6 @@ async def test_postgres_that_goes_away_is_unavailable(pg_dsn: str) -> None:
                 await method()
     finally:
         await store.close()
-
-
-class _Relay:
-    """A TCP relay in front of PostgreSQL that can be pulled out, connections and all."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 # SQLite on the event loop: a locked or busy database never stalls the loop
