@@ -81,7 +81,7 @@ async def serve(config: Config, announce: Callable[[str], None]) -> None:
         f"admin on {where.admin_url}\n"
         f"  engine: {policy.engine} ({engine_at})\n"
         f"  store: {redact_url(config.store.url)}\n"
-        f"  exporter: {exporter}; journal in the store\n"
+        f"  exporter: {exporter}\n"
         f"  tools: {tools}"
     )
     await stop.wait()
