@@ -23,8 +23,6 @@ middleware and the MCP renderer only ever see these.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 
@@ -106,19 +104,3 @@ class StoreUnavailable(HandrailError):
 
 class UpstreamTimeout(HandrailError):
     status, code = 504, "upstream_timeout"
-
-
-@contextmanager
-def map_exceptions(mapping: dict[type[BaseException], type[HandrailError]]) -> Iterator[None]:
-    """Re-raise foreign exceptions as Handrail's own, keeping the cause."""
-    try:
-        yield
-    except HandrailError:
-        raise
-    except Exception as exc:
-        for source, target in mapping.items():
-            if isinstance(exc, source):
-                raise target(
-                    f"{target.__name__}: {exc!s}" if str(exc) else target.__name__
-                ) from exc
-        raise

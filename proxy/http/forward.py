@@ -1,6 +1,6 @@
 """The upstream hop: a safe URL under the tool's base, clean headers, one pooled request.
 
-Transport errors are mapped here (``map_exceptions``-style) to ``UpstreamUnavailable``
+Transport errors are translated here, where they arise, to ``UpstreamUnavailable``
 and ``UpstreamTimeout``; nothing above this module sees an aiohttp client exception.
 """
 
