@@ -116,7 +116,6 @@ class Timings:
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
     policy_s: float = 0.0
-    store_s: float = 0.0
     upstream_s: float = 0.0
     total_s: float = 0.0
 

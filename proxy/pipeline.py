@@ -150,7 +150,6 @@ async def claim_key(call: Call, deps: Deps) -> None:
     assert call.fingerprint is not None
     idem = call.tool.idempotency
     with child_span(deps, "handrail.idempotency") as span:
-        started = time.perf_counter()
         claim = await deps.store.claim(
             call.tool_name,
             key,
@@ -158,7 +157,6 @@ async def claim_key(call: Call, deps: Deps) -> None:
             lease_s=call.tool.timeout_s + idem.lease_margin_s,
             ttl_s=idem.ttl_s,
         )
-        call.timings.store_s += time.perf_counter() - started
         call.claim = claim
         span.set_attribute("handrail.idempotency.key", key)
         span.set_attribute("handrail.idempotency.state", claim.state.value)

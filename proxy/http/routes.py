@@ -100,7 +100,7 @@ async def mcp_meta_parent(request: web.Request, tool: ToolConfig, parent: Contex
         return parent
     body = await read_body(request, tool.max_body_bytes)
     request[BODY] = body
-    if b'"_meta"' not in body:
+    if b'"traceparent"' not in body:  # most calls: no second parse of the body
         return parent
     try:
         message = json.loads(body)

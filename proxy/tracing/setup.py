@@ -31,8 +31,8 @@ OTLP_SINK = "otlp"
 
 QUEUE_SIZE = 4096
 BATCH_SIZE = 128
-"""Spans per export. Encoding a batch holds the GIL: 512 spans stalled calls for ~15 ms
-(p99 at one connection 20 ms); 128 keeps p99 near 7 ms at the same throughput (bench/run.py)."""
+"""Spans per export. Encoding a batch holds the GIL: with 512 the p99 at one connection was
+16.8 ms, with 128 it is 7.9 ms at the same throughput (bench/run.py, BENCHMARKS.md)."""
 SCHEDULE_DELAY_MS = 500
 EXPORT_TIMEOUT_S = 3.0
 """Per export request, unless ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` says otherwise."""
@@ -69,9 +69,6 @@ class _HashedResource(Resource):
 
     def __hash__(self) -> int:
         return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
 
 
 def build_resource(config: TracingConfig) -> Resource:
