@@ -17,12 +17,16 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from proxy.config import TracingConfig
 from proxy.metrics import Metrics
+from proxy.tracing.otlp_proto import SpanEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,29 @@ def _protocol(config: TracingConfig) -> str:
     return config.protocol
 
 
+class FastHttpSpanExporter(HttpSpanExporter):
+    """The OTLP/HTTP exporter with ``otlp_proto``'s encoder (2-3x less CPU per span).
+
+    Everything else (endpoint, headers, compression, TLS, retries) is the SDK's. It
+    reaches the SDK's HTTP client, which is private: where an SDK version lays it out
+    differently, this falls back to the SDK's own export (a test pins the fast path).
+    """
+
+    encoder = SpanEncoder()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        client = getattr(self, "_client", None)
+        if self._shutdown or client is None or not hasattr(client, "export"):
+            return super().export(spans)
+        data = self.encoder.encode(spans)
+        limit = getattr(self, "_max_request_size", None)
+        if limit is not None and len(data) > limit:
+            logger.warning("dropping a span batch of %d bytes (limit %d)", len(data), limit)
+            return SpanExportResult.FAILURE
+        result = client.export(data)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+
 def otlp_exporter(config: TracingConfig) -> SpanExporter:
     """The OTLP span exporter for ``protocol``; unset ``endpoint`` leaves OTEL_* in charge."""
     timeout = _export_timeout()
@@ -121,12 +148,9 @@ def otlp_exporter(config: TracingConfig) -> SpanExporter:
             insecure = urlsplit(endpoint).scheme != "https"
         return GrpcSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
 
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpanExporter,
-    )
-
     endpoint = http_traces_endpoint(config.endpoint) if config.endpoint else None
-    return HttpSpanExporter(endpoint=endpoint, timeout=timeout)
+
+    return FastHttpSpanExporter(endpoint=endpoint, timeout=timeout)
 
 
 class DropCounter:
