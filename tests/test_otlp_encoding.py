@@ -147,5 +147,5 @@ def test_the_http_exporter_posts_our_encoding(
     assert hasattr(exporter, "_client") and hasattr(exporter._client, "export")
     spans = _spans()
     assert exporter.export(spans) is SpanExportResult.SUCCESS
-    exporter.shutdown()
+    exporter.shutdown()  # type: ignore[no-untyped-call]
     assert received == [encode_spans(spans)]

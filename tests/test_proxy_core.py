@@ -302,17 +302,25 @@ async def test_admin_token_is_required_when_configured(tool, aiohttp_client, mak
     assert (await admin.get("/healthz")).status == 200
 
 
-async def test_agents_own_key_passes_through_when_the_tool_is_not_keyed(tool, make_proxy: ProxyFactory) -> None:
+async def test_agents_own_key_passes_through_when_the_tool_is_not_keyed(
+    tool, make_proxy: ProxyFactory
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))  # idempotency: off
     await proxy.post("/tools/crm/x", json={}, headers={"Idempotency-Key": "agent-key-1"})
     assert seen.requests[-1]["headers"]["Idempotency-Key"] == "agent-key-1"
 
 
-async def test_malformed_json_body_is_400_and_never_reaches_the_tool(tool, make_proxy: ProxyFactory) -> None:
+async def test_malformed_json_body_is_400_and_never_reaches_the_tool(
+    tool, make_proxy: ProxyFactory
+) -> None:
     server, seen = tool
     proxy = await make_proxy(crm(server))
-    resp = await proxy.post("/tools/crm/x", data=b'{"note": "sk-live-123",', headers={"Content-Type": "application/json"})
+    resp = await proxy.post(
+        "/tools/crm/x",
+        data=b'{"note": "sk-live-123",',
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert error["code"] == "bad_request" and "not valid JSON" in error["message"]
