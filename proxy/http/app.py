@@ -22,6 +22,7 @@ from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
 from proxy.tracing import journal_from_config, tracer_provider_from_config
+from proxy.tracing.tracer import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             store=store,
             engine=engine,
             journal=journal,
-            tracer=provider.get_tracer("proxy"),
+            tracer=Tracer(provider),
             session=session,
             metrics=metrics,
         )
