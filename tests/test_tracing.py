@@ -528,3 +528,13 @@ async def test_proxy_spans_never_hold_passwords_or_tool_credentials(
     assert "hunter2" not in everything
     assert "tool-cred-123456" not in everything
     assert REDACTED in everything
+
+
+def test_a_body_already_parsed_is_captured_as_if_parsed_again() -> None:
+    redactor = Redactor.build(("password",), ())
+    body = b'{"user": "ada", "password": "hunter2", "items": [1, {"password": "x"}]}'
+    parsed = json.loads(body)
+    again = capture_body(body, redactor, 4096)
+    assert capture_body(body, redactor, 4096, parsed) == again
+    assert "hunter2" not in again and REDACTED in again
+    assert parsed["password"] == "hunter2"  # the call's own document is left as it was

@@ -88,7 +88,7 @@ def _capture_input(call: Call, capture: CaptureConfig, redactor: Redactor) -> st
         return None
     if call.mcp is not None:
         return capture_json(call.mcp.arguments, redactor, capture.max_bytes)
-    return capture_body(call.body, redactor, capture.max_bytes)
+    return capture_body(call.body, redactor, capture.max_bytes, call.json_body)
 
 
 def _capture_output(call: Call, capture: CaptureConfig, redactor: Redactor) -> str | None:

@@ -163,16 +163,19 @@ def capture_json(value: Any, redactor: Redactor, max_bytes: int) -> str:
     return truncate(text, max_bytes)
 
 
-def capture_body(body: bytes, redactor: Redactor, max_bytes: int) -> str:
+def capture_body(body: bytes, redactor: Redactor, max_bytes: int, parsed: Any = None) -> str:
     """A body for a span or the journal: redacted JSON when it parses, else scrubbed text
     (a form body, an SSE stream, or JSON cut off at the capture limit).
 
+    ``parsed`` is the body already parsed as JSON, if the caller has it: not parsed again.
     A body far over the limit is not parsed (that would cost the call path milliseconds):
     only its head is scrubbed as text and kept.
     """
     if not body or max_bytes <= 0:
         return ""
     if len(body) <= max(_PARSE_FACTOR * max_bytes, _PARSE_MIN):
+        if parsed is not None:
+            return capture_json(parsed, redactor, max_bytes)
         try:
             return capture_json(json.loads(body), redactor, max_bytes)
         except ValueError:
