@@ -321,7 +321,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run, no plot")
-    parser.add_argument("--seconds", type=float, help="seconds per measurement")
+    parser.add_argument("--seconds", type=int, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
     parser.add_argument("--workers", type=int, default=2, help="policy evaluators")
