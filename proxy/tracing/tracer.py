@@ -8,7 +8,9 @@ span processors the same ``ReadableSpan`` they would get from the SDK.
 
 What stays the SDK's: the provider's sampler (asked for every span, as the SDK does), its
 id generator, resource and processors (export, tests' in-memory exporters). Processors'
-``on_start`` is not called: none of Handrail's needs it.
+``on_start`` is not called: none of Handrail's needs it. The SDK's span limits
+(``OTEL_SPAN_ATTRIBUTE_*``) are not applied: a call span has about 25 attributes, and the
+captured input and output are already cut to ``tracing.capture.max_bytes``.
 """
 
 from __future__ import annotations
