@@ -149,7 +149,6 @@ def otlp_exporter(config: TracingConfig) -> SpanExporter:
         return GrpcSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
 
     endpoint = http_traces_endpoint(config.endpoint) if config.endpoint else None
-
     return FastHttpSpanExporter(endpoint=endpoint, timeout=timeout)
 
 
