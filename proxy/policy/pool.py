@@ -2,8 +2,9 @@
 
 ``workers`` long-lived children, each fed pipelined request frames over its stdin; a call
 goes to the worker with the fewest in flight. Per call the parent pays one ``json.dumps``,
-one pipe write and its share of one read callback (a ``SubprocessProtocol``, no stream
-coroutines): evaluation never holds the proxy's GIL, and a crash in rego-cpp ends a worker,
+its share of one pipe write (the frames queued in one turn of the loop go out together, so
+a busy proxy wakes each worker once per turn, not once per call) and of one read callback
+(a ``SubprocessProtocol``, no stream coroutines): evaluation never holds the proxy's GIL, and a crash in rego-cpp ends a worker,
 not the proxy. A worker that dies or overruns a call's deadline fails everything it had in
 flight with ``PolicyUnavailable`` (fail closed) and is restarted with backoff.
 """
@@ -74,6 +75,8 @@ class _WorkerProcess(asyncio.SubprocessProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
+        self._outbox: list[bytes] = []
+        """Frames queued in this turn of the loop, written together by ``_flush``."""
 
     @classmethod
     async def spawn(
@@ -139,12 +142,22 @@ class _WorkerProcess(asyncio.SubprocessProtocol):
         self.next_id = ident + 1 if ident < 0xFFFFFFFF else 1
         deadline = self.loop.time() + timeout_s
         self.pending.append((ident, future, deadline))
-        self._stdin.write(frame(ident, op, body))
+        outbox = self._outbox
+        outbox.append(frame(ident, op, body))
+        if len(outbox) == 1:
+            self.loop.call_soon(self._flush)
         if self._timer is None or deadline < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self.loop.call_at(deadline, self._check_deadlines)
         return future
+
+    def _flush(self) -> None:
+        """One pipe write (and one wake-up of the worker) for every frame of this turn."""
+        outbox, self._outbox = self._outbox, []
+        stdin = self._stdin
+        if outbox and self.alive and stdin is not None and not stdin.is_closing():
+            stdin.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def _answers(self, data: bytes) -> None:
         buffer = self._buffer
