@@ -6,6 +6,13 @@
 A step ends the call by raising a ``HandrailError`` or by setting ``call.response``
 (a replay); later steps look at ``call.response`` first. ``settle_key`` and ``record``
 always run, so a deny is counted, journaled and traced like any other call.
+
+The store is asked for the key while the policy decides (``start_claim``): the two waits
+overlap, which hides a PostgreSQL round trip, or the SQLite statement, behind the policy's
+evaluation. Nothing is decided on the claim until the policy has allowed the call: a deny
+or a policy failure wins over a replay, a 409 or a 422, as if the claim came second, and a
+key claimed for a call that is then refused is released at once (a retry of that key in the
+meantime gets the 409 of a call in flight).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from contextlib import contextmanager
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from proxy.call import Call, ClaimState, DecisionKind, StoredResponse
+from proxy.call import Call, Claim, ClaimState, DecisionKind, StoredResponse
 from proxy.deps import Deps
 from proxy.errors import (
     HandrailError,
@@ -41,8 +48,14 @@ REPLAYED_HEADERS_DROP = frozenset({"date", "server", "content-length", "transfer
 async def run(call: Call, deps: Deps) -> None:
     try:
         prepare_key(call)
-        await decide(call, deps)
-        await claim_key(call, deps)
+        claiming = start_claim(call, deps)
+        try:
+            await decide(call, deps)
+        except BaseException:
+            if claiming is not None:
+                await asyncio.shield(drop_claim(claiming, call, deps))
+            raise
+        await claim_key(call, deps, claiming)
         await forward(call, deps)
         await check_result(call, deps)
         await deliver(call, deps)
@@ -142,24 +155,79 @@ async def decide(call: Call, deps: Deps) -> None:
     )
 
 
-async def claim_key(call: Call, deps: Deps) -> None:
-    """Claim the key, or answer from its record: replay, 409 in flight, 422 reused."""
+class Claiming:
+    """The store's answer for the call's key, on its way while the policy decides."""
+
+    def __init__(self, task: asyncio.Task[Claim], span: Span) -> None:
+        self.task = task
+        self.span = span
+
+
+def start_claim(call: Call, deps: Deps) -> Claiming | None:
+    """Ask the store for the key now; ``claim_key`` or ``drop_claim`` settles the answer."""
     key = call.idempotency_key
     if key is None:
-        return
+        return None
     assert call.fingerprint is not None
     idem = call.tool.idempotency
-    with child_span(deps, "handrail.idempotency") as span:
-        claim = await deps.store.claim(
+    span = deps.tracer.start_span("handrail.idempotency")
+    span.set_attribute("handrail.idempotency.key", key)
+    task = asyncio.ensure_future(
+        deps.store.claim(
             call.tool_name,
             key,
             call.fingerprint,
             lease_s=call.tool.timeout_s + idem.lease_margin_s,
             ttl_s=idem.ttl_s,
         )
-        call.claim = claim
-        span.set_attribute("handrail.idempotency.key", key)
-        span.set_attribute("handrail.idempotency.state", claim.state.value)
+    )
+    return Claiming(task, span)
+
+
+async def drop_claim(claiming: Claiming, call: Call, deps: Deps) -> None:
+    """The call was refused before it could use its key: free a key it claimed."""
+    span = claiming.span
+    try:
+        claim = await claiming.task
+    except BaseException as exc:  # the call already failed: its own error is the answer
+        span.set_attribute("handrail.idempotency.state", "not_claimed")
+        if isinstance(exc, HandrailError):
+            span.set_attribute("error.type", exc.code)
+        span.end()
+        return
+    state = claim.state.value
+    if claim.state is ClaimState.OWNED:
+        state = "released"
+        try:
+            await deps.store.release(call.tool_name, call.idempotency_key or "", claim.owner)
+        except HandrailError as exc:
+            # The record stays in flight until its lease runs out: a retry gets 409 meanwhile.
+            logger.error(
+                "could not release the key of a refused call: %s",
+                exc.message,
+                extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
+            )
+    span.set_attribute("handrail.idempotency.state", state)
+    span.end()
+
+
+async def claim_key(call: Call, deps: Deps, claiming: Claiming | None) -> None:
+    """Act on the key's claim: run the tool, replay, 409 in flight, 422 reused."""
+    if claiming is None:
+        return
+    key = call.idempotency_key
+    span = claiming.span
+    try:
+        claim = await claiming.task
+    except BaseException as exc:
+        if isinstance(exc, HandrailError):
+            span.set_status(Status(StatusCode.ERROR, exc.message))
+            span.set_attribute("error.type", exc.code)
+        span.end()
+        raise
+    call.claim = claim
+    span.set_attribute("handrail.idempotency.state", claim.state.value)
+    span.end()
     if claim.state is ClaimState.OWNED:
         return
     if claim.state is ClaimState.IN_FLIGHT:

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.config import Config
 from proxy.http.app import build_app
@@ -296,6 +297,93 @@ async def test_key_still_in_flight_after_its_ttl_is_still_409(
     assert busy.error_code == "idempotency_key_in_use"
     assert first.status == 200
     assert seen.count() == 1
+
+
+# The policy and the key: the store is asked while the policy decides, the policy wins
+
+BLOCKED = {"X-Agent-Id": "blocked"}
+
+
+async def test_a_refused_call_leaves_its_key_free_for_the_allowed_retry(
+    tool: ToolFixture, make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(api(server)))
+    refused = await ask(
+        proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers={**KEY, **BLOCKED}
+    )
+    allowed = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers=KEY)
+
+    assert (refused.status, refused.error_code) == (403, "policy_denied")
+    assert allowed.status == 200 and not allowed.replayed
+    assert seen.count() == 1
+
+
+async def test_a_refused_call_is_refused_even_when_its_key_would_replay(
+    tool: ToolFixture, make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(api(server)))
+    first = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers=KEY)
+    refused = await ask(
+        proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers={**KEY, **BLOCKED}
+    )
+    retry = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers=KEY)
+
+    assert first.status == 200
+    assert (refused.status, refused.error_code) == (403, "policy_denied")
+    assert "Idempotent-Replayed" not in refused.headers
+    assert retry.status == 200 and retry.replayed
+    assert seen.count() == 1
+
+
+async def test_a_refused_call_is_refused_even_when_its_key_is_in_flight(
+    tool: ToolFixture, make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(api(server)))
+    slow = asyncio.ensure_future(
+        ask(proxy, "POST", "/tools/crm/contacts?sleep=0.5", body=PAYLOAD, headers=KEY)
+    )
+    while seen.count() == 0:
+        await asyncio.sleep(0.01)
+    refused = await ask(
+        proxy, "POST", "/tools/crm/contacts?sleep=0.5", body=PAYLOAD, headers={**KEY, **BLOCKED}
+    )
+    first = await slow
+    retry = await ask(proxy, "POST", "/tools/crm/contacts?sleep=0.5", body=PAYLOAD, headers=KEY)
+
+    assert (refused.status, refused.error_code) == (403, "policy_denied")
+    assert first.status == 200 and not first.replayed
+    assert retry.status == 200 and retry.replayed  # the refusal did not touch the owner's record
+    assert seen.count() == 1
+
+
+async def test_the_key_is_claimed_while_the_policy_decides(
+    tool: ToolFixture, make_proxy: ProxyFactory, spans: InMemorySpanExporter
+) -> None:
+    server, _ = tool
+    proxy = await make_proxy(crm(api(server)))
+    answer = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers=KEY)
+    refused = await ask(
+        proxy,
+        "POST",
+        "/tools/crm/contacts",
+        body=PAYLOAD,
+        headers={"Idempotency-Key": "k-2", **BLOCKED},
+    )
+    assert answer.status == 200 and refused.status == 403
+
+    finished = spans.get_finished_spans()
+    policy = [s for s in finished if s.name == "handrail.policy"]
+    claims = [s for s in finished if s.name == "handrail.idempotency"]
+    assert len(policy) == len(claims) == 2
+    for decided, claimed in zip(policy, claims, strict=True):
+        assert claimed.parent == decided.parent  # both children of the call's span
+        assert claimed.start_time is not None and decided.end_time is not None
+        assert claimed.start_time < decided.end_time  # asked before the decision was in
+    states = [dict(s.attributes or {})["handrail.idempotency.state"] for s in claims]
+    assert states == ["owned", "released"]
 
 
 # attach mode: keys derived for blind retries

@@ -4,9 +4,10 @@
 goes to the worker with the fewest in flight. Per call the parent pays one ``json.dumps``,
 its share of one pipe write (the frames queued in one turn of the loop go out together, so
 a busy proxy wakes each worker once per turn, not once per call) and of one read callback
-(a ``SubprocessProtocol``, no stream coroutines): evaluation never holds the proxy's GIL, and a crash in rego-cpp ends a worker,
-not the proxy. A worker that dies or overruns a call's deadline fails everything it had in
-flight with ``PolicyUnavailable`` (fail closed) and is restarted with backoff.
+(a ``SubprocessProtocol``, no stream coroutines): evaluation never holds the proxy's GIL,
+and a crash in rego-cpp ends a worker, not the proxy. A worker that dies or overruns a
+call's deadline fails everything it had in flight with ``PolicyUnavailable`` (fail closed)
+and is restarted with backoff.
 """
 
 from __future__ import annotations
