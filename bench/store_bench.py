@@ -7,8 +7,9 @@
 One sequence is what the pipeline does for a new write with an idempotency key:
 ``run_counters``, ``count_call``, ``claim``, ``complete`` (a run changes every 20 calls, as in
 the wrk benchmark). Measured N times in a row, then with 32 tasks at once (as 32 wrk
-connections would), on a fresh SQLite file under a temporary directory and on a fresh
-schema of the local PostgreSQL (``HANDRAIL_TEST_POSTGRES``, dropped afterwards).
+connections would, each yielding to the loop where a call waits for the policy and the
+tool), on a fresh SQLite file under a temporary directory and on a fresh schema of the local
+PostgreSQL (``HANDRAIL_TEST_POSTGRES``, dropped afterwards).
 """
 
 from __future__ import annotations
@@ -36,11 +37,17 @@ RESPONSE = StoredResponse(201, (("content-type", "application/json"),), b'{"id":
 TASKS = 32
 
 
-async def sequence(store: Store, prefix: str, i: int) -> None:
+async def sequence(store: Store, prefix: str, i: int, between: bool = False) -> None:
+    """A call's four statements; ``between``: a turn of the loop between them, where the
+    pipeline waits for the policy or the tool (with other calls' work in that turn)."""
     run, key, fp = f"{prefix}-run-{i // 20}", f"{prefix}-key-{i}", f"fp-{i}"
     await store.run_counters(run, fp)
+    if between:
+        await asyncio.sleep(0)
     await store.count_call(run, fp, write=True, denied=False)
     claim = await store.claim("api", key, fp, lease_s=30.0, ttl_s=600.0)
+    if between:
+        await asyncio.sleep(0)
     await store.complete("api", key, claim.owner, RESPONSE)
 
 
@@ -58,7 +65,7 @@ async def concurrent(store: Store, n: int) -> float:
 
     async def worker() -> None:
         for i in counter:
-            await sequence(store, prefix, i)
+            await sequence(store, prefix, i, between=True)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(TASKS)))

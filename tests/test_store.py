@@ -574,6 +574,76 @@ async def test_sqlite_reads_go_on_while_another_connection_writes(tmp_path: Path
         await store.close()
 
 
+async def _concurrent_calls(store: SqliteStore, keys: list[str], run: str) -> list[Any]:
+    """Each key a call: counted, claimed and completed, all calls at once (as under load)."""
+
+    async def call(key: str) -> Any:
+        await store.count_call(run, key, write=True, denied=False)
+        claim = await _claim(store, key)
+        await asyncio.sleep(0)  # the tool's answer arrives in a later turn of the loop
+        await store.complete("crm", key, claim.owner, OK)
+        return claim
+
+    return await asyncio.gather(*(call(key) for key in keys))
+
+
+async def test_sqlite_statements_of_concurrent_calls_are_committed_before_they_answer(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "handrail.db"
+    store = SqliteStore(path)
+    await store.open()
+    keys = [_key() for _ in range(64)]
+    try:
+        claims = await _concurrent_calls(store, keys, "run-a")
+        assert all(c.state is ClaimState.OWNED for c in claims)
+        # What each call was told is on disk for any other connection (another replica).
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            rows = dict(other.execute("SELECT key, state FROM handrail_idempotency").fetchall())
+            (calls,) = other.execute("SELECT calls FROM handrail_runs").fetchone()
+        assert rows == dict.fromkeys(keys, "completed")
+        assert calls == 64
+        replays = await asyncio.gather(*(_claim(store, key) for key in keys))
+        assert {r.state for r in replays} == {ClaimState.COMPLETED}
+    finally:
+        await store.close()
+
+
+async def test_sqlite_concurrent_calls_wait_out_a_held_lock_together(tmp_path: Path) -> None:
+    path = tmp_path / "handrail.db"
+    store = SqliteStore(path, busy_timeout_ms=3000)
+    await store.open()
+    keys = [_key() for _ in range(16)]
+    try:
+        with _write_lock_held(path) as other:
+            asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
+            async with LoopLag() as lag:
+                claims = await _concurrent_calls(store, keys, "run-b")
+            other.execute("BEGIN")  # for the block's closing ROLLBACK
+        assert all(c.state is ClaimState.OWNED for c in claims)
+        assert lag.worst_s < 0.05, f"the loop stalled for {lag.worst_s * 1000:.0f} ms"
+        assert await store.run_counters("run-b", keys[0]) == RunCounters(16, 16, 0, 1)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_failing_statement_fails_only_its_own_caller(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "handrail.db")
+    await store.open()
+    try:
+        results = await asyncio.gather(
+            store.count_call("run-c", "fp-1", write=True, denied=False),
+            store._fetch("SELECT nothing FROM no_such_table", ()),  # a broken statement
+            store.count_call("run-c", "fp-2", write=False, denied=False),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], StoreUnavailable)
+        assert await store.run_counters("run-c", "fp-1") == RunCounters(2, 1, 0, 1)
+    finally:
+        await store.close()
+
+
 async def test_sqlite_checkpoints_keep_the_wal_from_growing_with_writes(tmp_path: Path) -> None:
     path, limit = tmp_path / "handrail.db", 1024 * 1024
     store = SqliteStore(path, checkpoint_every_s=0.02, wal_limit_bytes=limit)
