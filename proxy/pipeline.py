@@ -119,7 +119,12 @@ async def decide(call: Call, deps: Deps) -> None:
     with child_span(deps, "handrail.policy") as span:
         started = time.perf_counter()
         call.counters = await deps.store.run_counters(call.run_id, call.fingerprint)
-        document = policy_input(call, call.counters, deps.config.tracing.capture.redact)
+        document = policy_input(
+            call,
+            call.counters,
+            deps.config.tracing.capture.redact,
+            request_fields=deps.engine.request_fields,
+        )
         try:
             decision = await deps.engine.decide(document)
         finally:

@@ -108,6 +108,7 @@ class ListFilter:
     async def visible(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = bare_call(self.request, self.ident, b"", self.session)
         redact = self.deps.config.tracing.capture.redact
+        fields = self.deps.engine.request_fields
         documents = []
         for tool in tools:
             name = tool.get("name")
@@ -121,7 +122,7 @@ class ListFilter:
                 method="tools/list",
             )
             call = dataclasses.replace(base, mcp=mcp)
-            documents.append(policy_input(call, RunCounters(), redact))
+            documents.append(policy_input(call, RunCounters(), redact, request_fields=fields))
         with self.deps.tracer.start_as_current_span("handrail.policy.visible"):
             shown = await asyncio.gather(*(self.deps.engine.visible(d) for d in documents))
         return [tool for tool, ok in zip(tools, shown, strict=True) if ok]

@@ -36,3 +36,8 @@ class PolicyEngine(Protocol):
         """Re-read the policies (embedded) or re-check the server (opa)."""
 
     def status(self) -> EngineStatus: ...
+
+    @property
+    def request_fields(self) -> frozenset[str]:
+        """Which of ``input.request``'s ``headers`` and ``query`` the policy may read
+        (``policy.refs``): the input leaves the others out."""

@@ -38,6 +38,7 @@ from proxy.policy.bundle import (
 from proxy.policy.decision import decision_from_value, visible_from_value
 from proxy.policy.pool import WorkerPool
 from proxy.policy.query import evaluate, first_query_value, node_value
+from proxy.policy.refs import OPTIONAL_REQUEST_FIELDS, optional_fields_sent
 from proxy.policy.worker import load_message
 
 __all__ = [
@@ -83,6 +84,7 @@ class _Served:
     revision: str
     modules: int
     visible: bool
+    request_fields: frozenset[str] = OPTIONAL_REQUEST_FIELDS
 
 
 class _Evaluators(Protocol):
@@ -168,7 +170,8 @@ def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
     """Read and check the files in pure Python (no rego-cpp): ConfigError names the file."""
     files = read_policy_files(root)
     visible = served_visible(root, files, entrypoint)
-    return files, _Served(files.revision, len(files.modules), visible is not None)
+    fields = optional_fields_sent(files.modules.values())
+    return files, _Served(files.revision, len(files.modules), visible is not None, fields)
 
 
 class EmbeddedEngine:
@@ -293,6 +296,11 @@ class EmbeddedEngine:
                 raise
             except Exception:  # the watcher must outlive any one bad reload
                 logger.exception("policy watch failed")
+
+    @property
+    def request_fields(self) -> frozenset[str]:
+        served = self._served
+        return served.request_fields if served is not None else OPTIONAL_REQUEST_FIELDS
 
     def status(self) -> EngineStatus:
         served = self._served

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from proxy.call import Call, RunCounters
+from proxy.policy.refs import OPTIONAL_REQUEST_FIELDS
 
 INPUT_VERSION = 1
 
@@ -67,20 +68,26 @@ def _lowered_names(names: tuple[str, ...]) -> frozenset[str]:
 
 
 def policy_input(
-    call: Call, counters: RunCounters, redact: tuple[str, ...], now: float | None = None
+    call: Call,
+    counters: RunCounters,
+    redact: tuple[str, ...],
+    now: float | None = None,
+    request_fields: frozenset[str] = OPTIONAL_REQUEST_FIELDS,
 ) -> dict[str, Any]:
-    tool_headers = _lowered_names(tuple(call.tool.headers))
+    """The document for ``call``; ``request_fields``: which of the request's ``headers`` and
+    ``query`` to include (the served policy's ``PolicyEngine.request_fields``)."""
     mcp = call.mcp
+    request: dict[str, Any] = {"method": call.method, "path": call.path}
+    if "query" in request_fields:
+        request["query"] = parsed_query(call.query)
+    if "headers" in request_fields:
+        tool_headers = _lowered_names(tuple(call.tool.headers))
+        request["headers"] = visible_headers(call.headers, tool_headers, redact)
+    request["body"] = call.json_body
     return {
         "version": INPUT_VERSION,
         "tool": {"name": call.tool_name, "kind": call.tool.kind},
-        "request": {
-            "method": call.method,
-            "path": call.path,
-            "query": parsed_query(call.query),
-            "headers": visible_headers(call.headers, tool_headers, redact),
-            "body": call.json_body,
-        },
+        "request": request,
         "call": None
         if mcp is None
         else {"name": mcp.name, "arguments": mcp.arguments, "annotations": mcp.annotations or {}},

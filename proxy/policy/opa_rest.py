@@ -18,6 +18,7 @@ from proxy.call import Decision
 from proxy.errors import PolicyUnavailable
 from proxy.policy.base import EngineStatus
 from proxy.policy.decision import decision_from_value, visible_from_value
+from proxy.policy.refs import OPTIONAL_REQUEST_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ _MAX_BODY = 4 * 1024 * 1024
 
 class OpaEngine:
     name = "opa"
+    request_fields = OPTIONAL_REQUEST_FIELDS
+    """The server's policies are not known here: the input always carries everything."""
 
     def __init__(self, url: str, entrypoint: str, timeout_s: float = 0.25) -> None:
         self.url = url.rstrip("/")
