@@ -39,6 +39,7 @@ from proxy.http.forward import send_upstream
 from proxy.policy.input import policy_input
 from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
 from proxy.tracing.attributes import record_span
+from proxy.tracing.tracer import Span as TracerSpan
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ async def run(call: Call, deps: Deps) -> None:
                 call.upstream.release()
             await asyncio.shield(settle_key(call, deps))
         finally:
-            record(call, deps)
+            record_after_answer(call, deps)
 
 
 def prepare_key(call: Call) -> None:
@@ -329,6 +330,25 @@ async def settle_key(call: Call, deps: Deps) -> None:
             exc.message,
             extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
         )
+
+
+def record_after_answer(call: Call, deps: Deps) -> None:
+    """``record`` once the answer is on its way, as an access log is written: building the
+    span's attributes and the journal row (redacting what is captured) then adds nothing to
+    the call's latency. The call span is held open until then, with its end time kept."""
+    span = call.span
+    if not isinstance(span, TracerSpan) or not span.is_recording():
+        record(call, deps)
+        return
+    span.hold()
+    asyncio.get_running_loop().call_soon(_record_and_release, call, deps, span)
+
+
+def _record_and_release(call: Call, deps: Deps, span: TracerSpan) -> None:
+    try:
+        record(call, deps)
+    finally:
+        span.release()
 
 
 def record(call: Call, deps: Deps) -> None:

@@ -78,3 +78,28 @@ def test_status_and_exceptions_as_the_sdk_records_them() -> None:
     assert [e.name for e in failing.events] == ["exception"]
     assert failing.events[0].attributes["exception.message"] == "the tool broke"  # type: ignore[index]
     assert done.status.status_code is StatusCode.OK
+
+
+def test_a_held_span_keeps_its_end_time_and_takes_attributes_until_released() -> None:
+    tracer, memory = _setup()
+    with tracer.start_as_current_span("execute_tool crm", kind=SpanKind.SERVER) as span:
+        span.hold()  # type: ignore[attr-defined]
+    assert memory.get_finished_spans() == ()  # ended, but held: no processor has it yet
+    assert span.is_recording()
+    span.set_attribute("handrail.decision", "allow")
+    span.release()  # type: ignore[attr-defined]
+    span.set_attribute("after.release", "ignored")
+    (finished,) = memory.get_finished_spans()
+    assert dict(finished.attributes or {}) == {"handrail.decision": "allow"}
+    assert span.end_time is not None  # type: ignore[attr-defined]
+    assert finished.end_time == span.end_time  # type: ignore[attr-defined]
+
+
+def test_releasing_a_held_span_that_was_never_ended_ends_it_now() -> None:
+    tracer, memory = _setup()
+    span = tracer.start_span("handrail.policy")
+    span.hold()  # type: ignore[attr-defined]
+    span.release()  # type: ignore[attr-defined]
+    (finished,) = memory.get_finished_spans()
+    assert finished.end_time is not None and finished.start_time is not None
+    assert finished.end_time >= finished.start_time

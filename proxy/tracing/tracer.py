@@ -140,8 +140,10 @@ class Span(trace_api.Span):
     __slots__ = (
         "attributes",
         "context",
+        "end_time",
         "ended",
         "events",
+        "held",
         "kind",
         "links",
         "name",
@@ -173,6 +175,8 @@ class Span(trace_api.Span):
         self.status = _UNSET
         self.start_time = start_time or time_ns()
         self.ended = False
+        self.held = False
+        self.end_time: int | None = None
 
     def set_many(self, attributes: Attributes) -> Span:
         if attributes:
@@ -233,8 +237,23 @@ class Span(trace_api.Span):
             values.update(attributes)
         self.add_event("exception", values, timestamp)
 
+    def hold(self) -> None:
+        """Until ``release``, ``end`` only notes the time: the span stays open to attributes
+        (the call's, set once its answer is on the wire) and reaches no processor."""
+        self.held = not self.ended
+
+    def release(self) -> None:
+        """End a held span, at the time ``end`` noted (or now, if it was not called)."""
+        if self.held:
+            self.held = False
+            self.end(self.end_time)
+
     def end(self, end_time: int | None = None) -> None:
         if self.ended:
+            return
+        if self.held:
+            if self.end_time is None:
+                self.end_time = end_time or time_ns()
             return
         self.ended = True
         self.tracer.finish(self, end_time or time_ns())
