@@ -2,6 +2,7 @@
 
     python bench/run.py            # full run (about 4 minutes); writes bench/out/
     python bench/run.py --quick    # smoke check for CI (under a minute, no thresholds)
+    python bench/run.py --guards   # also: Handrail with each guard removed in turn
 
 Starts, as separate processes on loopback: a fast JSON tool, a bare aiohttp pass-through
 (no policy, no store, no trace), an OTLP/HTTP sink, a FastMCP server, and Handrail with
@@ -103,12 +104,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"a benchmark process exited early: {proc.args}")
+            raise SystemExit(f"a benchmark process exited early: {proc.args!r}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise SystemExit(f"port {port} did not open: {proc.args}")
+    raise SystemExit(f"port {port} did not open: {proc.args!r}")
 
 
 @dataclass
@@ -261,6 +262,87 @@ def handrail_config(
     return path
 
 
+ALLOW_ALL_POLICY = """package handrail
+
+import rego.v1
+
+decision := {"allow": true, "reasons": [], "require_approval": false}
+"""
+
+
+def _no_export(config: dict[str, Any], work: Path) -> None:
+    config["tracing"]["exporter"] = "none"
+
+
+def _no_capture(config: dict[str, Any], work: Path) -> None:
+    config["tracing"]["capture"] = {"arguments": False, "results": False}
+
+
+def _no_idempotency(config: dict[str, Any], work: Path) -> None:
+    config["tools"]["api"]["idempotency"] = {"mode": "off"}
+
+
+def _allow_all_policy(config: dict[str, Any], work: Path) -> None:
+    policies = work / "allow-all-policy"
+    policies.mkdir(exist_ok=True)
+    (policies / "handrail.rego").write_text(ALLOW_ALL_POLICY)
+    config["policy"]["path"] = str(policies)
+
+
+def _floor(config: dict[str, Any], work: Path) -> None:
+    for strip in (_no_export, _no_capture, _no_idempotency, _allow_all_policy):
+        strip(config, work)
+
+
+GUARDS: dict[str, Any] = {
+    "every guard on": lambda config, work: None,
+    "without OTLP export": _no_export,
+    "without input/output capture": _no_capture,
+    "without idempotency": _no_idempotency,
+    "with a one-rule allow-all policy": _allow_all_policy,
+    "all four of these off": _floor,
+}
+"""What each guard costs: Handrail restarted with one of them removed (the last: all four).
+The journal, the run counters, the four spans and one policy evaluation per call remain in
+every variant; "all four off" is what Handrail's own plumbing costs."""
+
+
+def guard_costs(
+    work: Path, ports: dict[str, int], script: Path, seconds: int, warm: int, args: Any
+) -> list[Result]:
+    """Handrail at 32 and 1 connection(s) for each of ``GUARDS``, one at a time."""
+    results = []
+    url = f"http://127.0.0.1:{ports['handrail']}/tools/api/contacts"
+    for name, strip in GUARDS.items():
+        where = work / "guards"
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        path = handrail_config(
+            where,
+            ports["upstream"],
+            ports["mcp"],
+            ports["sink"],
+            ports["handrail"],
+            ports["admin"],
+            args.isolation,
+            args.workers,
+        )
+        config = json.loads(path.read_text())
+        strip(config, where)
+        path.write_text(json.dumps(config, indent=2))
+        procs = Processes()
+        try:
+            handrail = procs.start(
+                [PY, "-m", "proxy.cli", "serve", "-c", str(path)], ports["handrail"], cwd=where
+            )
+            wrk(f"warm-up ({name})", url, script, 8, warm)
+            for conns in (32, 1):
+                results.append(wrk(name, url, script, conns, seconds, handrail.pid))
+        finally:
+            procs.stop()
+    return results
+
+
 def plot(results: list[Result], path: Path) -> None:
     try:
         import matplotlib
@@ -301,6 +383,19 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{r['p99_ms']:.2f} | {r['non_2xx']} | "
             + (f"{r['proxy_cpu_us']:.0f} |" if r.get("proxy_cpu_us") else "|")
         )
+    if summary.get("guards"):
+        lines += [
+            "",
+            "| Handrail (32 connections) | req/s | proxy CPU µs/call | at 1 connection: p50 ms |",
+            "|---|---|---|---|",
+        ]
+        rows = summary["guards"]
+        for r in (r for r in rows if r["connections"] == 32):
+            one = next(o for o in rows if o["name"] == r["name"] and o["connections"] == 1)
+            lines.append(
+                f"| {r['name']} | {r['rps']:.0f} | {r.get('proxy_cpu_us') or 0:.0f} | "
+                f"{one['p50_ms']:.2f} |"
+            )
     lines += ["", "| ratio (same run) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
     memory = summary["memory"]
@@ -325,6 +420,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--isolation", choices=("process", "thread"), default="process")
     parser.add_argument("--workers", type=int, default=2, help="policy evaluators")
+    parser.add_argument(
+        "--guards",
+        action="store_true",
+        help="also measure Handrail with each guard removed in turn (about 2 minutes more)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
@@ -424,13 +524,19 @@ def main() -> int:
                 soak.append({"calls": soak_calls, "rss_kb": rss_kb(handrail.pid)})
             memory["soak"] = soak
         memory["peak_rss_kb"] = rss_kb(handrail.pid, "VmHWM")
+        guard_results: list[Result] = []
+        if args.guards:
+            print("What each guard costs (Handrail restarted without it):")
+            handrail.terminate()
+            handrail.wait(timeout=20)
+            guard_results = guard_costs(out, ports, scripts["new_key"], seconds, warm, args)
     finally:
         procs.stop()
 
     def get(name: str, conns: int) -> Result:
         return next(r for r in results if r.name == name and r.connections == conns)
 
-    summary = {
+    summary: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -452,6 +558,7 @@ def main() -> int:
         },
         "memory": memory,
         "results": [asdict(r) for r in results],
+        "guards": [asdict(r) for r in guard_results],
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary))
