@@ -504,6 +504,7 @@ def main() -> int:
                 results.append(wrk(name, url, scripts["new_key"], conns, seconds, watch))
         print("Replay (the same key and payload) and deny (a secret in the arguments):")
         results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds, hr))
+        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 1, seconds, hr))
         results.append(wrk("direct (for replay)", urls["direct"], scripts["replay"], 32, seconds))
         results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds, hr))
         print("MCP tools/call, new arguments per call:")
@@ -551,6 +552,7 @@ def main() -> int:
             - get("pass-through", 1).p50_ms,
             "replay / direct at 32 connections": get("handrail replay", 32).rps
             / get("direct (for replay)", 32).rps,
+            "replay p50 at 1 connection (ms)": get("handrail replay", 1).p50_ms,
             "mcp handrail / mcp direct at 32 connections": get("mcp handrail", 32).rps
             / get("mcp direct", 32).rps,
             "mcp handrail / mcp direct at 1 connection": get("mcp handrail", 1).rps
