@@ -95,11 +95,14 @@ _write if {
 
 # --- tool allowlist per agent -----------------------------------------------------------
 
-_tool_allowed if "*" in _agent_tools
-
-_tool_allowed if input.tool.name in _agent_tools
-
-_tool_allowed if _call_name in _agent_tools
+# One chain, first match wins: most agents have "*" and stop at the first test.
+_tool_allowed := true if {
+	"*" in _agent_tools
+} else := true if {
+	input.tool.name in _agent_tools
+} else := true if {
+	_call_name in _agent_tools
+}
 
 violations contains msg if {
 	not _tool_allowed
@@ -108,9 +111,10 @@ violations contains msg if {
 
 # --- per-run write budget ---------------------------------------------------------------
 
+# The cheap, usually false comparison first: most calls are within budget and stop there.
 violations contains msg if {
-	_write
 	input.run.writes >= _write_budget
+	_write
 	msg := sprintf("run write budget spent: %v of %v writes", [input.run.writes, _write_budget])
 }
 
@@ -141,8 +145,8 @@ _destructive_blocked if {
 }
 
 violations contains msg if {
-	not _mcp
 	input.request.method == "DELETE"
+	not _mcp
 	not _targets_one_item
 	not _destructive_allowed
 	msg := sprintf("DELETE %s would delete a whole collection", [input.request.path])
