@@ -33,8 +33,9 @@ from opentelemetry.trace import (
 )
 
 from proxy.config import TracingConfig
-from proxy.tracing.otlp_proto import SpanEncoder
-from proxy.tracing.setup import FastHttpSpanExporter, otlp_exporter
+from proxy.metrics import Metrics
+from proxy.tracing.otlp_proto import WIRE, SpanEncoder, pre_encode
+from proxy.tracing.setup import ExportProcessor, FastHttpSpanExporter, otlp_exporter
 
 
 def _spans() -> list[ReadableSpan]:
@@ -99,6 +100,29 @@ def test_encoder_cache_does_not_change_the_next_batch() -> None:
     assert ExportTraceServiceRequest.FromString(encoder.encode(spans[:1])) == encode_spans(
         spans[:1]
     )
+
+
+def test_spans_encoded_as_they_end_give_the_same_request() -> None:
+    spans = _spans()
+    whole = SpanEncoder().encode(spans)
+    for span in spans[::2]:  # some encoded early, some in the batch
+        pre_encode(span)
+    assert SpanEncoder().encode(spans) == whole
+    assert ExportTraceServiceRequest.FromString(whole) == encode_spans(spans)
+
+
+def test_the_export_processor_encodes_spans_as_they_end(
+    sink: tuple[str, list[ExportTraceServiceRequest]],
+) -> None:
+    url, received = sink
+    exporter = otlp_exporter(TracingConfig(exporter="otlp", endpoint=url))
+    processor = ExportProcessor(exporter, Metrics(), schedule_delay_millis=10_000)
+    spans = _spans()
+    for span in spans:
+        processor.on_end(span)
+        assert getattr(span, WIRE, None) is not None  # encoded on the ending thread
+    processor.shutdown()
+    assert received == [encode_spans(spans)]
 
 
 def test_an_unencodable_value_is_refused() -> None:
