@@ -258,6 +258,8 @@ class SqliteStore:
         return conn
 
     async def close(self) -> None:
+        for retry in list(self._retries):  # statements still waiting for a lock: refused
+            retry.cancel()
         conn, self._conn = self._conn, None
         side, self._side = self._side, None
         checkpointer, self._checkpointer = self._checkpointer, None
