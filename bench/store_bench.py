@@ -5,7 +5,7 @@
     python bench/store_bench.py --impl /path/to/other_sqlite.py:SqliteStore   # compare
 
 One sequence is what the pipeline does for a new write with an idempotency key:
-``run_counters``, ``count_call``, ``claim``, ``complete`` (a run changes every 20 calls, as in
+``reserve_call``, ``claim``, ``complete`` (a run changes every 20 calls, as in
 the wrk benchmark). Measured N times in a row, then with 32 tasks at once (as 32 wrk
 connections would, each yielding to the loop where a call waits for the policy and the
 tool), on a fresh SQLite file under a temporary directory and on a fresh schema of the local
@@ -38,13 +38,12 @@ TASKS = 32
 
 
 async def sequence(store: Store, prefix: str, i: int, between: bool = False) -> None:
-    """A call's four statements; ``between``: a turn of the loop between them, where the
+    """A call's three statements; ``between``: a turn of the loop between them, where the
     pipeline waits for the policy or the tool (with other calls' work in that turn)."""
     run, key, fp = f"{prefix}-run-{i // 20}", f"{prefix}-key-{i}", f"fp-{i}"
-    await store.run_counters(run, fp)
+    await store.reserve_call(run, fp, write=True)
     if between:
         await asyncio.sleep(0)
-    await store.count_call(run, fp, write=True, denied=False)
     claim = await store.claim("api", key, fp, lease_s=30.0, ttl_s=600.0)
     if between:
         await asyncio.sleep(0)

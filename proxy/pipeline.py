@@ -115,11 +115,18 @@ def child_span(deps: Deps, name: str) -> Iterator[Span]:
 
 
 async def decide(call: Call, deps: Deps) -> None:
-    """Ask the policy; count the call against its run; a deny or a hold ends the call."""
+    """Count the call against its run, ask the policy; a deny or a hold ends the call.
+
+    The call is counted (a write reserved) before the policy sees the counts, in one step
+    with reading them: calls sent in parallel cannot all pass a budget's last write. A call
+    the policy refuses, or cannot decide, gets its write back and is counted as denied.
+    """
     assert call.fingerprint is not None
     with child_span(deps, "handrail.policy") as span:
         started = time.perf_counter()
-        call.counters = await deps.store.run_counters(call.run_id, call.fingerprint)
+        call.counters = await deps.store.reserve_call(
+            call.run_id, call.fingerprint, write=call.unsafe
+        )
         document = policy_input(
             call,
             call.counters,
@@ -128,6 +135,9 @@ async def decide(call: Call, deps: Deps) -> None:
         )
         try:
             decision = await deps.engine.decide(document)
+        except BaseException:
+            await asyncio.shield(_refund_undecided(call, deps))
+            raise
         finally:
             call.timings.policy_s = time.perf_counter() - started
             deps.metrics.policy_latency.observe(call.timings.policy_s)
@@ -136,12 +146,8 @@ async def decide(call: Call, deps: Deps) -> None:
         span.set_attribute("handrail.policy.engine", deps.engine.name)
         if decision.decision_id:
             span.set_attribute("handrail.decision.id", decision.decision_id)
-        await deps.store.count_call(
-            call.run_id,
-            call.fingerprint,
-            write=call.unsafe and decision.kind is DecisionKind.ALLOW,
-            denied=decision.kind is not DecisionKind.ALLOW,
-        )
+        if decision.kind is not DecisionKind.ALLOW:
+            await deps.store.refund_call(call.run_id, write=call.unsafe)
     if decision.kind is DecisionKind.ALLOW:
         return
     reasons = list(decision.reasons)
@@ -159,6 +165,17 @@ async def decide(call: Call, deps: Deps) -> None:
         reasons=reasons,
         decision_id=decision.decision_id,
     )
+
+
+async def _refund_undecided(call: Call, deps: Deps) -> None:
+    try:
+        await deps.store.refund_call(call.run_id, write=call.unsafe)
+    except HandrailError as exc:  # the call fails anyway: its own error is the answer
+        logger.error(
+            "could not count an undecided call as denied: %s",
+            exc.message,
+            extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
+        )
 
 
 class Claiming:

@@ -126,3 +126,34 @@ async def test_admin_reload_of_a_broken_policy_keeps_serving(
     status = await reloaded.json()
     assert "reload failed" in status["detail"] and "handrail.rego:" in status["detail"]
     assert (await proxy.get("/tools/crm/contacts/42")).status == 200
+
+
+async def test_parallel_writes_cannot_overrun_the_run_write_budget(
+    tool, make_proxy: ProxyFactory, shipped
+) -> None:  # type: ignore[no-untyped-def]
+    # support-bot may write 20 times a run (policies/data.json); an agent calling tools in
+    # parallel sends 30 writes at once: exactly 20 reach the tool, the rest are refused.
+    import asyncio
+
+    server, seen = tool
+    proxy = await make_proxy(crm(server))
+    headers = {"X-Agent-Id": "support-bot", "X-Run-Id": "parallel-run"}
+    answers = await asyncio.gather(
+        *(proxy.post("/tools/crm/contacts", json={"n": i}, headers=headers) for i in range(30))
+    )
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [200] * 20 + [403] * 10
+    assert seen.count() == 20
+    # Each refused call saw the writes reserved before it, by calls still being decided too.
+    spent = []
+    for answer in answers:
+        if answer.status == 403:
+            (reason,) = (await answer.json())["error"]["reasons"]
+            words = reason.split()
+            assert words[:4] == ["run", "write", "budget", "spent:"] and words[5:] == [
+                "of",
+                "20",
+                "writes",
+            ]
+            spent.append(int(words[4]))
+    assert min(spent) == 20

@@ -336,11 +336,12 @@ async def test_unknown_run_has_zero_counters(store: Store) -> None:
     assert await store.run_counters(f"run-{uuid.uuid4()}", "fp") == RunCounters()
 
 
-async def test_count_call_adds_calls_writes_and_denied(store: Store) -> None:
+async def test_reserve_and_refund_count_calls_writes_and_denied(store: Store) -> None:
     run = f"run-{uuid.uuid4()}"
-    await store.count_call(run, "a", write=True, denied=False)
-    await store.count_call(run, "b", write=False, denied=True)
-    await store.count_call(run, "c", write=False, denied=False)
+    await store.reserve_call(run, "a", write=True)
+    await store.reserve_call(run, "b", write=True)
+    await store.refund_call(run, write=True)  # "b" was refused: its write back, one denied
+    await store.reserve_call(run, "c", write=False)
     counters = await store.run_counters(run, "d")
     assert counters == RunCounters(calls=3, writes=1, denied=1, repeats=0)
 
@@ -348,27 +349,44 @@ async def test_count_call_adds_calls_writes_and_denied(store: Store) -> None:
 async def test_repeats_count_earlier_identical_calls_in_the_same_run_only(store: Store) -> None:
     run, other_run = f"run-{uuid.uuid4()}", f"run-{uuid.uuid4()}"
     for _ in range(3):
-        await store.count_call(run, "same", write=True, denied=False)
-    await store.count_call(run, "different", write=True, denied=False)
-    await store.count_call(other_run, "same", write=True, denied=False)
+        await store.reserve_call(run, "same", write=True)
+    await store.reserve_call(run, "different", write=True)
+    await store.reserve_call(other_run, "same", write=True)
     assert (await store.run_counters(run, "same")).repeats == 3
     assert (await store.run_counters(run, "different")).repeats == 1
     assert (await store.run_counters(other_run, "same")).repeats == 1
     assert (await store.run_counters(run, "new")).repeats == 0
 
 
-async def test_concurrent_count_calls_lose_no_update(store: Store) -> None:
+async def test_concurrent_reserves_lose_no_update(store: Store) -> None:
     run = f"run-{uuid.uuid4()}"
-    await asyncio.gather(
-        *(store.count_call(run, "same", write=True, denied=False) for _ in range(40))
-    )
+    await asyncio.gather(*(store.reserve_call(run, "same", write=True) for _ in range(40)))
     assert await store.run_counters(run, "same") == RunCounters(40, 40, 0, 40)
+
+
+async def test_a_reservation_returns_the_counts_before_the_call(store: Store) -> None:
+    run = f"run-{uuid.uuid4()}"
+    seen = [await store.reserve_call(run, "same", write=True) for _ in range(3)]
+    seen.append(await store.reserve_call(run, "other", write=False))
+    assert seen == [
+        RunCounters(0, 0, 0, 0),
+        RunCounters(1, 1, 0, 1),
+        RunCounters(2, 2, 0, 2),
+        RunCounters(3, 3, 0, 0),
+    ]
+
+
+async def test_parallel_reservations_each_see_the_ones_before_them(store: Store) -> None:
+    run = f"run-{uuid.uuid4()}"
+    seen = await asyncio.gather(*(store.reserve_call(run, "same", write=True) for _ in range(40)))
+    assert sorted(c.writes for c in seen) == list(range(40))  # no two saw the same count
+    assert sorted(c.repeats for c in seen) == list(range(40))
 
 
 async def test_idle_runs_are_purged(backend: Backend) -> None:
     store = await backend.open(run_ttl_s=0.2)
     run = f"run-{uuid.uuid4()}"
-    await store.count_call(run, "same", write=True, denied=False)
+    await store.reserve_call(run, "same", write=True)
     await asyncio.sleep(0.3)
     await store.purge_expired()
     assert await store.run_counters(run, "same") == RunCounters()
@@ -382,7 +400,7 @@ async def test_records_and_counters_survive_a_restart(backend: Backend) -> None:
     key, run = _key(), f"run-{uuid.uuid4()}"
     claim = await _claim(store, key)
     await store.complete("crm", key, claim.owner, OK)
-    await store.count_call(run, "same", write=True, denied=False)
+    await store.reserve_call(run, "same", write=True)
     await store.close()
 
     restarted = await backend.open()
@@ -432,7 +450,7 @@ def _every_method(store: Store) -> list[Callable[[], Awaitable[Any]]]:
         lambda: store.release("crm", "k", "owner"),
         store.purge_expired,
         lambda: store.run_counters("run", "fp"),
-        lambda: store.count_call("run", "fp", write=True, denied=False),
+        lambda: store.reserve_call("run", "fp", write=True),
     ]
 
 
@@ -534,7 +552,7 @@ async def test_sqlite_write_waits_for_a_held_lock_without_blocking_the_loop(
             asyncio.get_running_loop().call_later(0.3, other.execute, "COMMIT")
             async with LoopLag() as lag:
                 started = time.monotonic()
-                await store.count_call(run, "fp", write=True, denied=False)
+                await store.reserve_call(run, "fp", write=True)
                 waited = time.monotonic() - started
             other.execute("BEGIN")  # for the block's closing ROLLBACK
         assert waited >= 0.25
@@ -578,7 +596,7 @@ async def _concurrent_calls(store: SqliteStore, keys: list[str], run: str) -> li
     """Each key a call: counted, claimed and completed, all calls at once (as under load)."""
 
     async def call(key: str) -> Any:
-        await store.count_call(run, key, write=True, denied=False)
+        await store.reserve_call(run, key, write=True)
         claim = await _claim(store, key)
         await asyncio.sleep(0)  # the tool's answer arrives in a later turn of the loop
         await store.complete("crm", key, claim.owner, OK)
@@ -632,12 +650,12 @@ async def test_sqlite_a_failing_statement_fails_only_its_own_caller(tmp_path: Pa
     await store.open()
     try:
         results = await asyncio.gather(
-            store.count_call("run-c", "fp-1", write=True, denied=False),
+            store.reserve_call("run-c", "fp-1", write=True),
             store._fetch("SELECT nothing FROM no_such_table", ()),  # a broken statement
-            store.count_call("run-c", "fp-2", write=False, denied=False),
+            store.reserve_call("run-c", "fp-2", write=False),
             return_exceptions=True,
         )
-        assert results[0] is None and results[2] is None
+        assert isinstance(results[0], RunCounters) and isinstance(results[2], RunCounters)
         assert isinstance(results[1], StoreUnavailable)
         assert await store.run_counters("run-c", "fp-1") == RunCounters(2, 1, 0, 1)
     finally:
@@ -657,7 +675,7 @@ async def test_sqlite_checkpoints_keep_the_wal_from_growing_with_writes(tmp_path
                 key = f"key-{round_}-{i}"
                 claim = await _claim(store, key)
                 await store.complete("crm", key, claim.owner, OK)
-                await store.count_call(f"run-{i // 20}", key, write=True, denied=False)
+                await store.reserve_call(f"run-{i // 20}", key, write=True)
             await asyncio.sleep(0.2)  # the checkpointer's turn
             sizes.append(wal.stat().st_size)
     finally:

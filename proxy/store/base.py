@@ -42,7 +42,10 @@ class Store(Protocol):
     async def run_counters(self, run_id: str, call_fingerprint: str) -> RunCounters:
         """What this run has done so far; ``repeats`` counts earlier calls with this fingerprint."""
 
-    async def count_call(
-        self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
-    ) -> None:
-        """Add one decided call to the run's counters."""
+    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
+        """Count a call against its run before it is decided, and return the counters from
+        before it, in one atomic step: calls made in parallel each see the ones before them,
+        so a write budget cannot be overrun by sending writes at once."""
+
+    async def refund_call(self, run_id: str, *, write: bool) -> None:
+        """A reserved call was refused: take its write back and count it as denied."""

@@ -116,18 +116,28 @@ LEFT JOIN handrail_runs AS r ON r.run_id = $1
 LEFT JOIN handrail_run_calls AS c ON c.run_id = $1 AND c.fingerprint = $2
 """
 
-# Both rows are locked in the same order by every caller: no deadlocks.
-_COUNT_CALL = """
+# Both rows are locked in the same order by every caller: no deadlocks. One statement, so
+# calls made at once each see the counts before them (RETURNING gives the rows after it).
+_RESERVE = """
 WITH run AS (
     INSERT INTO handrail_runs AS r (run_id, calls, writes, denied, updated_at)
-    VALUES ($1, 1, $3, $4, now())
+    VALUES ($1, 1, $3, 0, now())
     ON CONFLICT (run_id) DO UPDATE SET
         calls = r.calls + 1, writes = r.writes + EXCLUDED.writes,
-        denied = r.denied + EXCLUDED.denied, updated_at = EXCLUDED.updated_at
+        updated_at = EXCLUDED.updated_at
+    RETURNING r.calls, r.writes, r.denied
+), seen AS (
+    INSERT INTO handrail_run_calls AS c (run_id, fingerprint, n, updated_at)
+    VALUES ($1, $2, 1, now())
+    ON CONFLICT (run_id, fingerprint) DO UPDATE SET n = c.n + 1, updated_at = EXCLUDED.updated_at
+    RETURNING c.n
 )
-INSERT INTO handrail_run_calls AS c (run_id, fingerprint, n, updated_at)
-VALUES ($1, $2, 1, now())
-ON CONFLICT (run_id, fingerprint) DO UPDATE SET n = c.n + 1, updated_at = EXCLUDED.updated_at
+SELECT run.calls - 1, run.writes - $3, run.denied, seen.n - 1 FROM run, seen
+"""
+
+_REFUND = """
+UPDATE handrail_runs SET writes = writes - $2, denied = denied + 1, updated_at = now()
+WHERE run_id = $1
 """
 
 _PURGE_RECORDS = f"""
@@ -347,8 +357,11 @@ class PostgresStore:
             calls=row[0] or 0, writes=row[1] or 0, denied=row[2] or 0, repeats=row[3] or 0
         )
 
-    async def count_call(
-        self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
-    ) -> None:
+    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
         async with self._connection() as conn:
-            await conn.execute(_COUNT_CALL, run_id, call_fingerprint, int(write), int(denied))
+            row = await conn.fetchrow(_RESERVE, run_id, call_fingerprint, int(write))
+        return RunCounters(calls=row[0], writes=row[1], denied=row[2], repeats=row[3])
+
+    async def refund_call(self, run_id: str, *, write: bool) -> None:
+        async with self._connection() as conn:
+            await conn.execute(_REFUND, run_id, int(write))

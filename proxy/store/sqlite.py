@@ -56,9 +56,10 @@ from proxy.store.sqlite_schema import (
     CLAIM,
     COMPLETE,
     COMPONENT,
-    COUNT_CALL,
     READ,
+    REFUND,
     RELEASE,
+    RESERVE,
     RUN_COUNTERS,
     migrate,
     purge,
@@ -513,8 +514,10 @@ class SqliteStore:
             calls=calls or 0, writes=writes or 0, denied=denied or 0, repeats=repeats or 0
         )
 
-    async def count_call(
-        self, run_id: str, call_fingerprint: str, *, write: bool, denied: bool
-    ) -> None:
-        params = (run_id, int(write), int(denied), time.time(), call_fingerprint)
-        await self._changes(COUNT_CALL, params)
+    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
+        params = {"run": run_id, "write": int(write), "now": time.time(), "fp": call_fingerprint}
+        calls, writes, denied, repeats = (await self._fetch(RESERVE, params))[0]
+        return RunCounters(calls=calls, writes=writes, denied=denied, repeats=repeats or 0)
+
+    async def refund_call(self, run_id: str, *, write: bool) -> None:
+        await self._changes(REFUND, (int(write), time.time(), run_id))

@@ -36,7 +36,7 @@ MIGRATIONS: Migrations = (
                 PRIMARY KEY (tool, key)
             )""",
             "CREATE INDEX handrail_idempotency_expires ON handrail_idempotency (expires_at)",
-            # last_fingerprint feeds the trigger below, so count_call is one statement.
+            # last_fingerprint feeds the trigger below, so RESERVE is one statement.
             """CREATE TABLE handrail_runs (
                 run_id TEXT PRIMARY KEY,
                 calls INTEGER NOT NULL,
@@ -109,13 +109,22 @@ LEFT JOIN handrail_runs AS r ON r.run_id = :run
 LEFT JOIN handrail_run_calls AS c ON c.run_id = :run AND c.fingerprint = :fp
 """
 
-COUNT_CALL = """
+# One statement, so atomic: RETURNING gives the run's row after this call (minus it: the
+# counts before), and its subquery sees handrail_run_calls before the AFTER trigger counts
+# this call (SQLite: RETURNING reflects no change made by triggers), i.e. earlier repeats.
+RESERVE = """
 INSERT INTO handrail_runs AS r (run_id, calls, writes, denied, updated_at, last_fingerprint)
-VALUES (?, 1, ?, ?, ?, ?)
+VALUES (:run, 1, :write, 0, :now, :fp)
 ON CONFLICT (run_id) DO UPDATE SET
     calls = r.calls + 1, writes = r.writes + excluded.writes,
-    denied = r.denied + excluded.denied, updated_at = excluded.updated_at,
-    last_fingerprint = excluded.last_fingerprint
+    updated_at = excluded.updated_at, last_fingerprint = excluded.last_fingerprint
+RETURNING calls - 1, writes - :write, denied,
+    (SELECT n FROM handrail_run_calls AS c WHERE c.run_id = :run AND c.fingerprint = :fp)
+"""
+
+REFUND = """
+UPDATE handrail_runs SET writes = writes - ?, denied = denied + 1, updated_at = ?
+WHERE run_id = ?
 """
 
 PURGE_WHERE = {
