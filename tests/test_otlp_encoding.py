@@ -135,6 +135,24 @@ def test_an_unencodable_value_is_refused() -> None:
         SpanEncoder().encode([span])
 
 
+def test_ending_a_span_the_encoder_refuses_never_fails_the_caller(
+    sink: tuple[str, list[ExportTraceServiceRequest]],
+) -> None:
+    url, received = sink
+    metrics = Metrics()
+    exporter = otlp_exporter(TracingConfig(exporter="otlp", endpoint=url))
+    processor = ExportProcessor(exporter, metrics, schedule_delay_millis=10_000)
+    bad = ReadableSpan(
+        "x",
+        context=SpanContext(1, 2, is_remote=False, trace_flags=TraceFlags(1)),
+        attributes={"bad": object()},  # type: ignore[dict-item]
+    )
+    processor.on_end(bad)  # no exception here, on the call's path
+    processor.shutdown()
+    assert received == []
+    assert metrics.export_dropped.labels("otlp")._value.get() == 1
+
+
 @pytest.fixture
 def sink() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
     received: list[ExportTraceServiceRequest] = []

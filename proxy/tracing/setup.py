@@ -9,6 +9,7 @@ rate-limited warning. Shutting down is bounded too, whatever state the endpoint 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -268,7 +269,10 @@ class ExportProcessor(SpanProcessor):
             else:
                 self._emitted += 1
         if self._pre_encode:
-            pre_encode(span)
+            # A value the encoder refuses is met again in the export thread, which counts
+            # the drop: ending a span never fails the call.
+            with contextlib.suppress(Exception):
+                pre_encode(span)
         self._batch.on_end(span)
 
     def shutdown(self) -> None:
