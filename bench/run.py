@@ -262,6 +262,20 @@ def handrail_config(
     return path
 
 
+def config_for(work: Path, ports: dict[str, int], args: Any) -> Path:
+    """``handrail_config`` for this run's ports and ``--isolation``/``--workers``."""
+    return handrail_config(
+        work,
+        ports["upstream"],
+        ports["mcp"],
+        ports["sink"],
+        ports["handrail"],
+        ports["admin"],
+        args.isolation,
+        args.workers,
+    )
+
+
 ALLOW_ALL_POLICY = """package handrail
 
 import rego.v1
@@ -317,16 +331,7 @@ def guard_costs(
         where = work / "guards"
         shutil.rmtree(where, ignore_errors=True)
         where.mkdir(parents=True)
-        path = handrail_config(
-            where,
-            ports["upstream"],
-            ports["mcp"],
-            ports["sink"],
-            ports["handrail"],
-            ports["admin"],
-            args.isolation,
-            args.workers,
-        )
+        path = config_for(where, ports, args)
         config = json.loads(path.read_text())
         strip(config, where)
         path.write_text(json.dumps(config, indent=2))
@@ -474,16 +479,7 @@ def main() -> int:
         procs.start(
             [PY, str(ROOT / "bench/mcp_server.py"), "--port", str(ports["mcp"])], ports["mcp"]
         )
-        config = handrail_config(
-            out,
-            ports["upstream"],
-            ports["mcp"],
-            ports["sink"],
-            ports["handrail"],
-            ports["admin"],
-            args.isolation,
-            args.workers,
-        )
+        config = config_for(out, ports, args)
         handrail = procs.start(
             [PY, "-m", "proxy.cli", "serve", "-c", str(config)], ports["handrail"], env=env, cwd=out
         )

@@ -127,13 +127,13 @@ async def decide(call: Call, deps: Deps) -> None:
         call.counters = await deps.store.reserve_call(
             call.run_id, call.fingerprint, write=call.unsafe
         )
-        document = policy_input(
-            call,
-            call.counters,
-            deps.config.tracing.capture.redact,
-            request_fields=deps.engine.request_fields,
-        )
         try:
+            document = policy_input(
+                call,
+                call.counters,
+                deps.config.tracing.capture.redact,
+                request_fields=deps.engine.request_fields,
+            )
             decision = await deps.engine.decide(document)
         except BaseException:
             await asyncio.shield(_refund_undecided(call, deps))
