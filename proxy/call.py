@@ -36,6 +36,8 @@ class Decision:
     reasons: tuple[str, ...] = ()
     require_approval: bool = False
     decision_id: str | None = None
+    cached: bool = False
+    """The policy's answer to an earlier call with the same inputs (``policy.cache``)."""
 
     @property
     def kind(self) -> DecisionKind:

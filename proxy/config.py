@@ -81,6 +81,11 @@ class OpaConfig(_Model):
     timeout_ms: int = Field(250, gt=0)
 
 
+class PolicyCacheConfig(_Model):
+    max_entries: int = Field(4096, ge=0, le=10_000_000)
+    """embedded: decisions kept for calls that repeat what the policy reads; 0: off."""
+
+
 class PolicyConfig(_Model):
     engine: Literal["embedded", "opa"] = "embedded"
     path: Path = Path("policies")
@@ -93,6 +98,8 @@ class PolicyConfig(_Model):
     isolation: Literal["process", "thread"] = "process"
     """embedded: evaluate in worker processes (a crash in the Rego engine cannot take the
     proxy down, and evaluation never contends for the proxy's GIL) or in threads."""
+    cache: PolicyCacheConfig = PolicyCacheConfig()
+    """embedded: the decision cache (``proxy.policy.cache``)."""
 
     @field_validator("entrypoint")
     @classmethod

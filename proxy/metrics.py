@@ -50,6 +50,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.policy_cache_hits = Counter(
+            "handrail_policy_cache_hits",
+            "Decisions answered from the decision cache (policy.cache).",
+            registry=r,
+        )
         self.replays = Counter(
             "handrail_idempotent_replays",
             "Responses replayed from the store.",

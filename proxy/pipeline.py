@@ -38,7 +38,7 @@ from proxy.errors import (
 from proxy.http.forward import send_upstream
 from proxy.policy.input import policy_input
 from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
-from proxy.tracing.attributes import record_span
+from proxy.tracing.attributes import DECISION_CACHED, record_span
 from proxy.tracing.tracer import Span as TracerSpan
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,9 @@ async def decide(call: Call, deps: Deps) -> None:
         span.set_attribute("handrail.policy.engine", deps.engine.name)
         if decision.decision_id:
             span.set_attribute("handrail.decision.id", decision.decision_id)
+        if decision.cached:
+            span.set_attribute(DECISION_CACHED, True)
+            deps.metrics.policy_cache_hits.inc()
         if decision.kind is not DecisionKind.ALLOW:
             await deps.store.refund_call(call.run_id, write=call.unsafe)
     if decision.kind is DecisionKind.ALLOW:

@@ -30,4 +30,5 @@ def engine_from_config(config: PolicyConfig) -> PolicyEngine:
         workers=config.workers,
         watch=config.watch,
         isolation=config.isolation,
+        cache_entries=config.cache.max_entries,
     )

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -35,10 +35,16 @@ from proxy.policy.bundle import (
     read_policy_files,
     served_visible,
 )
+from proxy.policy.cache import DecisionCache
 from proxy.policy.decision import decision_from_value, visible_from_value
 from proxy.policy.pool import WorkerPool
 from proxy.policy.query import evaluate, first_query_value, node_value
-from proxy.policy.refs import OPTIONAL_REQUEST_FIELDS, optional_fields_sent
+from proxy.policy.refs import (
+    OPTIONAL_REQUEST_FIELDS,
+    impure_builtins,
+    input_paths,
+    optional_fields_sent,
+)
 from proxy.policy.worker import load_message
 
 __all__ = [
@@ -85,6 +91,10 @@ class _Served:
     modules: int
     visible: bool
     request_fields: frozenset[str] = OPTIONAL_REQUEST_FIELDS
+    input_paths: tuple[tuple[str, ...], ...] | None = None
+    """What the modules read of the input (``None``: may read all of it)."""
+    impure: frozenset[str] = frozenset()
+    """The impure builtins the modules call: their decisions are not cached."""
 
 
 class _Evaluators(Protocol):
@@ -170,8 +180,15 @@ def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
     """Read and check the files in pure Python (no rego-cpp): ConfigError names the file."""
     files = read_policy_files(root)
     visible = served_visible(root, files, entrypoint)
-    fields = optional_fields_sent(files.modules.values())
-    return files, _Served(files.revision, len(files.modules), visible is not None, fields)
+    served = [text for name, text in files.modules.items() if not is_test_module(Path(name))]
+    return files, _Served(
+        files.revision,
+        len(files.modules),
+        visible is not None,
+        optional_fields_sent(files.modules.values()),
+        input_paths(served),
+        impure_builtins(served),
+    )
 
 
 class EmbeddedEngine:
@@ -188,6 +205,7 @@ class EmbeddedEngine:
         timeout_s: float = EVAL_TIMEOUT_S,
         watch_interval_s: float = WATCH_INTERVAL_S,
         isolation: Isolation = "process",
+        cache_entries: int = 4096,
     ) -> None:
         self.path = Path(path)
         self.entrypoint = entrypoint.strip("/")
@@ -202,6 +220,7 @@ class EmbeddedEngine:
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._stamps: tuple[tuple[str, int, int], ...] = ()
+        self.cache = DecisionCache(cache_entries)
 
     async def start(self) -> None:
         """Compile the policy (a ConfigError names the bad file) and start the watcher."""
@@ -215,6 +234,7 @@ class EmbeddedEngine:
         )
         await evaluators.start(self.path, files, self.entrypoint)
         self._evaluators, self._served = evaluators, served
+        self.cache.serve(served.input_paths, served.impure)
         self._stamps = stamps
         self._error = None
         logger.info(
@@ -245,19 +265,40 @@ class EmbeddedEngine:
         return await evaluators.evaluate(rule, document)
 
     async def decide(self, document: dict[str, Any]) -> Decision:
+        cache = self.cache
+        key = cache.key("decision", document)
+        if key is not None:
+            hit, cached = cache.get(key)
+            if hit:
+                earlier: Decision = cached
+                return replace(earlier, decision_id=uuid.uuid4().hex, cached=True)
+        generation = cache.generation
         defined, value = await self._run("decision", document)
         if not defined:
             raise PolicyUnavailable(
                 f"the decision data.{self.entrypoint.replace('/', '.')} is undefined"
             )
-        return decision_from_value(value, uuid.uuid4().hex)
+        decision = decision_from_value(value, uuid.uuid4().hex)
+        if key is not None:
+            cache.put(key, generation, decision)
+        return decision
 
     async def visible(self, document: dict[str, Any]) -> bool:
         served = self._served
         if served is not None and not served.visible:
             return True
+        cache = self.cache
+        key = cache.key("visible", document)
+        if key is not None:
+            hit, cached = cache.get(key)
+            if hit:
+                return bool(cached)
+        generation = cache.generation
         defined, value = await self._run("visible", document)
-        return visible_from_value(defined, value)
+        shown = visible_from_value(defined, value)
+        if key is not None:
+            cache.put(key, generation, shown)
+        return shown
 
     async def reload(self) -> EngineStatus:
         """Re-compile now; a failure keeps the last good policy and shows in ``status()``."""
@@ -280,6 +321,7 @@ class EmbeddedEngine:
                 return self.status()
             self._stamps = stamps
             self._served = served
+            self.cache.serve(served.input_paths, served.impure)
             self._error = None
             logger.info("embedded policy reloaded (revision %s)", served.revision)
             return self.status()
@@ -310,6 +352,7 @@ class EmbeddedEngine:
         detail = (
             f"embedded: {served.modules} module(s) from {self.path}, revision {served.revision}"
         )
+        detail += f"; {self.cache.describe()}"
         if self._error:
             detail += f"; serving last good policy; reload failed: {self._error}"
         problem = self._evaluators.problem() if self._evaluators is not None else "stopped"

@@ -48,6 +48,65 @@ def request_fields(sources: Iterable[str]) -> frozenset[str] | None:
     return frozenset(fields)
 
 
+def input_paths(sources: Iterable[str]) -> tuple[tuple[str, ...], ...] | None:
+    """Every ``input`` path the modules name, cut at the first ``[``, outermost only
+    (``input.run`` covers ``input.run.writes``), or ``None``: they may read any of it.
+
+    What a policy reads of its input lies under these paths, so two inputs that agree on
+    all of them get the same decision from a pure policy (``proxy.policy.cache``).
+    """
+    paths: set[tuple[str, ...]] = set()
+    for source in sources:
+        for match in _LEXEME.finditer(source):
+            lexeme = match.group(0)
+            if not lexeme.startswith("input"):
+                continue
+            path: list[str] = []
+            for m in _SEGMENT.finditer(lexeme, len("input")):
+                if m.group(1) is None:
+                    break  # input.a[...]: anything under input.a
+                path.append(m.group(1))
+            if not path:
+                return None  # the whole input, or input[...]
+            paths.add(tuple(path))
+    outermost = [p for p in paths if not any(p[: len(q)] == q for q in paths if q != p)]
+    return tuple(sorted(outermost))
+
+
+IMPURE_BUILTINS = (
+    "time.now_ns",
+    "rand.intn",
+    "uuid.rfc4122",
+    "http.send",
+    "net.lookup_ip_addr",
+    "opa.runtime",
+    "io.jwt.decode_verify",
+    "io.jwt.encode_sign",
+    "io.jwt.encode_sign_raw",
+    "crypto.x509.parse_and_verify_certificates",
+    "crypto.x509.parse_and_verify_certificates_with_options",
+    "print",
+    "trace",
+)
+"""Builtins whose answer (or effect) is not a function of their arguments: the clock,
+randomness, the network, the runtime, and output a cached decision would not repeat."""
+
+_CALL = re.compile(
+    r'"(?:[^"\\\n]|\\.)*"|`[^`]*`|#[^\n]*'
+    r"|(?<![\w.])(" + "|".join(re.escape(name) for name in IMPURE_BUILTINS) + r")\s*\("
+)
+
+
+def impure_builtins(sources: Iterable[str]) -> frozenset[str]:
+    """The ``IMPURE_BUILTINS`` the modules call (strings and comments do not count)."""
+    return frozenset(
+        match.group(1)
+        for source in sources
+        for match in _CALL.finditer(source)
+        if match.group(1) is not None
+    )
+
+
 def optional_fields_sent(sources: Iterable[str]) -> frozenset[str]:
     """Which of ``OPTIONAL_REQUEST_FIELDS`` the input must carry for these modules."""
     named = request_fields(sources)

@@ -40,6 +40,7 @@ OUTPUT_MIME_TYPE = "output.mime_type"
 DECISION = "handrail.decision"
 DECISION_REASONS = "handrail.decision.reasons"
 DECISION_ID = "handrail.decision.id"
+DECISION_CACHED = "handrail.decision.cached"
 IDEMPOTENCY_KEY = "handrail.idempotency.key"
 IDEMPOTENCY_KEY_DERIVED = "handrail.idempotency.key_derived"
 IDEMPOTENCY_REPLAYED = "handrail.idempotency.replayed"
@@ -169,6 +170,8 @@ def call_attributes(call: Call, capture: CaptureConfig) -> dict[str, AttributeVa
             attrs[DECISION_REASONS] = list(decision.reasons)
         if decision.decision_id:
             attrs[DECISION_ID] = decision.decision_id
+        if decision.cached:
+            attrs[DECISION_CACHED] = True
     status = final_status(call)
     if status is not None:
         attrs[HTTP_RESPONSE_STATUS_CODE] = status

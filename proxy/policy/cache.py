@@ -1,0 +1,119 @@
+"""The decision cache: a pure policy asked the same question twice gives the same answer.
+
+Agents retry and loop: the same call, from the same agent, with the same run counts, comes
+back again and again. A policy that calls no impure builtin (``refs.IMPURE_BUILTINS``: the
+clock, randomness, the network, printing) is a function of its data and of the parts of the
+input its modules name (``refs.input_paths``). The cache keys a decision on those parts
+only, so an input that differs elsewhere (its ``idempotency_key``, its ``time``, headers the
+policy never reads) still hits, and one that differs in anything the policy reads misses.
+
+What is cached and when:
+- the embedded engine only: it compiled the policy and its data and knows when they
+  change; an OPA server's data can change behind the proxy's back;
+- keys are a 128-bit BLAKE2b digest of the named parts, so an entry's size does not grow
+  with the body, and a hit never keeps a body alive;
+- a policy reload empties the cache, and an evaluation that started before the reload is
+  not stored after it;
+- failures are never cached: they fail closed, each time;
+- at most ``max_entries`` decisions, least recently used out first; 0 turns the cache off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from hashlib import blake2b
+from typing import Any
+
+_MISSING = 0
+_PRESENT = 1
+
+_encode = json.JSONEncoder(
+    separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=True
+).encode
+
+
+def project(document: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> list[Any]:
+    """The values at ``paths`` (``[1, value]``, or ``[0]`` where the path is absent)."""
+    out: list[Any] = []
+    for path in paths:
+        value: Any = document
+        for name in path:
+            if isinstance(value, dict) and name in value:
+                value = value[name]
+            else:
+                out.append([_MISSING])
+                break
+        else:
+            out.append([_PRESENT, value])
+    return out
+
+
+class DecisionCache:
+    """Values the policy returned, by rule and the parts of the input the policy names."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+        self._paths: tuple[tuple[str, ...], ...] | None = None
+        self.generation = 0
+        """Bumped by ``serve``: an evaluation begun under an older policy is not stored."""
+        self.off_reason: str | None = "no policy loaded"
+        self.hits = 0
+        self.misses = 0
+
+    def serve(self, paths: tuple[tuple[str, ...], ...] | None, impure: frozenset[str]) -> None:
+        """A new policy is served: forget every decision, and cache only if it is pure."""
+        self._entries.clear()
+        self.generation += 1
+        self._paths = None
+        if self.max_entries <= 0:
+            self.off_reason = "turned off (policy.cache.max_entries: 0)"
+        elif impure:
+            self.off_reason = "the policy calls " + ", ".join(sorted(impure))
+        elif paths is None:
+            self.off_reason = "the policy reads the input as a whole"
+        else:
+            self._paths = paths
+            self.off_reason = None
+
+    def key(self, rule: str, document: dict[str, Any]) -> bytes | None:
+        """The entry's key for ``document``, or ``None`` when this policy is not cached."""
+        paths = self._paths
+        if paths is None:
+            return None
+        try:
+            text = _encode([rule, project(document, paths)])
+        except (TypeError, ValueError):
+            return None
+        return blake2b(text.encode(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> tuple[bool, Any]:
+        entries = self._entries
+        if key in entries:
+            entries.move_to_end(key)
+            self.hits += 1
+            return True, entries[key]
+        self.misses += 1
+        return False, None
+
+    def put(self, key: bytes, generation: int, value: Any) -> None:
+        if generation != self.generation or self._paths is None:
+            return
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def describe(self) -> str:
+        if self.off_reason is not None:
+            return f"decision cache off: {self.off_reason}"
+        return (
+            f"decision cache: {len(self._entries)} of {self.max_entries} entries, "
+            f"{self.hits} hits, {self.misses} misses"
+        )
