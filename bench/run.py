@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ request = function()
   headers["X-Agent-Id"] = "bench-agent"
   headers["X-Run-Id"] = prefix .. "-" .. tid .. "-" .. math.floor(counter / 20)
   headers["Idempotency-Key"] = prefix .. "-" .. tid .. "-" .. counter
-  local body = '{"contact": {"name": "Ada", "email": "ada@example.com"}, "amount": ' .. counter .. ', "note": "benchmark call"}'
+  -- a body no earlier call had (the prefix is new every run): the policy decides every call
+  local body = '{"contact": {"name": "Ada", "email": "ada@example.com"}, "amount": ' .. counter .. ', "note": "benchmark call ' .. prefix .. '-' .. tid .. '"}'
   return wrk.format("POST", nil, headers, body)
 end
 """
@@ -88,8 +90,10 @@ request = function()
   headers["Accept"] = "application/json, text/event-stream"
   headers["X-Agent-Id"] = "bench-agent"
   headers["X-Run-Id"] = "mcp-" .. prefix .. "-" .. tid .. "-" .. math.floor(counter / 20)
+  -- arguments no earlier call had (the prefix is new every run): the policy decides every call
   local a = tid * 1000000 + counter
-  return wrk.format("POST", nil, headers, '{"jsonrpc":"2.0","id":' .. counter .. ',"method":"tools/call","params":{"name":"add","arguments":{"a":' .. a .. ',"b":2}}}')
+  local b = tonumber(prefix, 16) or 2
+  return wrk.format("POST", nil, headers, '{"jsonrpc":"2.0","id":' .. counter .. ',"method":"tools/call","params":{"name":"add","arguments":{"a":' .. a .. ',"b":' .. b .. '}}}')
 end
 """
 
@@ -123,6 +127,8 @@ class Result:
     requests: int
     proxy_cpu_us: float | None = None
     """The proxy's CPU (Handrail: with its policy workers) per call during this load."""
+    cached: float | None = None
+    """Handrail: the share of calls its decision cache answered (no policy evaluation)."""
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -133,8 +139,22 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
+def cache_hits(admin: int) -> float:
+    """``handrail_policy_cache_hits_total`` from Handrail's admin plane."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^handrail_policy_cache_hits_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def wrk(
-    name: str, url: str, script: Path, connections: int, seconds: float, watch: int | None = None
+    name: str,
+    url: str,
+    script: Path,
+    connections: int,
+    seconds: float,
+    watch: int | None = None,
+    admin: int | None = None,
 ) -> Result:
     threads = 1 if connections == 1 else 2
     cmd = [
@@ -150,8 +170,10 @@ def wrk(
     # A fresh prefix per run: keys and run ids never collide with an earlier measurement.
     env = {**os.environ, "BENCH_PREFIX": secrets.token_hex(4)}
     before = cpu_s(watch) if watch else 0.0
+    hits = cache_hits(admin) if admin else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     used = cpu_s(watch) - before if watch else None
+    hits = cache_hits(admin) - hits if admin else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -160,10 +182,13 @@ def wrk(
     result = Result(name, connections, rps, p50, p99, int(non.group(1)) if non else 0, total)
     if used is not None and total:
         result.proxy_cpu_us = used / total * 1e6
+    if admin and total:
+        result.cached = hits / total
     print(
         f"  {name:24} c={connections:<3} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
         + (f"  non-2xx {result.non_2xx}" if result.non_2xx else "")
-        + (f"  proxy CPU {result.proxy_cpu_us:.0f} us/call" if result.proxy_cpu_us else ""),
+        + (f"  proxy CPU {result.proxy_cpu_us:.0f} us/call" if result.proxy_cpu_us else "")
+        + (f"  cached {100 * result.cached:.0f}%" if result.cached is not None else ""),
         flush=True,
     )
     return result
@@ -379,14 +404,16 @@ def plot(results: list[Result], path: Path) -> None:
 def markdown(summary: dict[str, Any]) -> str:
     """The run's tables, ready for BENCHMARKS.md."""
     lines = [
-        "| load | connections | req/s | p50 ms | p99 ms | non-2xx | proxy CPU µs/call |",
-        "|---|---|---|---|---|---|---|",
+        "| load | connections | req/s | p50 ms | p99 ms | non-2xx | proxy CPU µs/call "
+        "| decided from cache |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         lines.append(
             f"| {r['name']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
             f"{r['p99_ms']:.2f} | {r['non_2xx']} | "
             + (f"{r['proxy_cpu_us']:.0f} |" if r.get("proxy_cpu_us") else "|")
+            + (f" {100 * r['cached']:.0f}% |" if r.get("cached") is not None else " |")
         )
     if summary.get("guards"):
         lines += [
@@ -493,23 +520,28 @@ def main() -> int:
         for name, url in urls.items():
             wrk(f"warm-up {name}", url, scripts["new_key"], 8, warm)
         print("HTTP POST, a new key per call:")
-        hr = handrail.pid
+        hr, ap = handrail.pid, ports["admin"]
         for conns in (1, 32):
             for name, url in urls.items():
                 watch = {"handrail": hr, "pass-through": passthrough.pid}.get(name)
-                results.append(wrk(name, url, scripts["new_key"], conns, seconds, watch))
+                admin = ports["admin"] if name == "handrail" else None
+                results.append(wrk(name, url, scripts["new_key"], conns, seconds, watch, admin))
         print("Replay (the same key and payload) and deny (a secret in the arguments):")
-        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds, hr))
-        results.append(wrk("handrail replay", urls["handrail"], scripts["replay"], 1, seconds, hr))
+        results.append(
+            wrk("handrail replay", urls["handrail"], scripts["replay"], 32, seconds, hr, ap)
+        )
+        results.append(
+            wrk("handrail replay", urls["handrail"], scripts["replay"], 1, seconds, hr, ap)
+        )
         results.append(wrk("direct (for replay)", urls["direct"], scripts["replay"], 32, seconds))
-        results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds, hr))
+        results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds, hr, ap))
         print("MCP tools/call, new arguments per call:")
         mcp_direct = f"http://127.0.0.1:{ports['mcp']}/mcp"
         mcp_proxy = f"http://127.0.0.1:{ports['handrail']}/tools/calc"
         wrk("warm-up mcp", mcp_proxy, scripts["mcp"], 8, warm)
         for conns in (1, 32):
             results.append(wrk("mcp direct", mcp_direct, scripts["mcp"], conns, seconds))
-            results.append(wrk("mcp handrail", mcp_proxy, scripts["mcp"], conns, seconds, hr))
+            results.append(wrk("mcp handrail", mcp_proxy, scripts["mcp"], conns, seconds, hr, ap))
         memory: dict[str, Any] = {"rss_kb_before_soak": rss_kb(handrail.pid)}
         if not args.quick:
             print("Soak: Handrail at 32 connections until at least 100k calls:")
