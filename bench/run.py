@@ -265,6 +265,10 @@ def handrail_config(
         "admin": {"port": admin},
         "tools": {
             "api": {"upstream": f"http://127.0.0.1:{upstream}", "idempotency": {"mode": "enforce"}},
+            "slow": {
+                "upstream": f"http://127.0.0.1:{upstream}/slow",
+                "idempotency": {"mode": "enforce"},
+            },
             "calc": {"upstream": f"http://127.0.0.1:{mcp}/mcp", "kind": "mcp"},
         },
         "policy": {
@@ -535,6 +539,13 @@ def main() -> int:
         )
         results.append(wrk("direct (for replay)", urls["direct"], scripts["replay"], 32, seconds))
         results.append(wrk("handrail deny", urls["handrail"], scripts["deny"], 32, seconds, hr, ap))
+        print("Replay against a tool that takes 20 ms to answer:")
+        slow_direct = f"http://127.0.0.1:{ports['upstream']}/slow/contacts"
+        slow_proxy = f"http://127.0.0.1:{ports['handrail']}/tools/slow/contacts"
+        results.append(wrk("direct (20 ms tool)", slow_direct, scripts["replay"], 1, seconds))
+        results.append(
+            wrk("handrail replay (20 ms tool)", slow_proxy, scripts["replay"], 1, seconds, hr, ap)
+        )
         print("MCP tools/call, new arguments per call:")
         mcp_direct = f"http://127.0.0.1:{ports['mcp']}/mcp"
         mcp_proxy = f"http://127.0.0.1:{ports['handrail']}/tools/calc"
@@ -581,6 +592,10 @@ def main() -> int:
             "replay / direct at 32 connections": get("handrail replay", 32).rps
             / get("direct (for replay)", 32).rps,
             "replay p50 at 1 connection (ms)": get("handrail replay", 1).p50_ms,
+            "replay p50 / a 20 ms tool's p50 at 1 connection": get(
+                "handrail replay (20 ms tool)", 1
+            ).p50_ms
+            / get("direct (20 ms tool)", 1).p50_ms,
             "mcp handrail / mcp direct at 32 connections": get("mcp handrail", 32).rps
             / get("mcp direct", 32).rps,
             "mcp handrail / mcp direct at 1 connection": get("mcp handrail", 1).rps

@@ -8,21 +8,28 @@ python bench/servers.py otlp-sink --port 4318
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import aiohttp
 import uvloop
 from aiohttp import web
 
+SLOW_TOOL_S = 0.020
+"""Under ``/slow/``: a tool that does some work before it answers, as a SaaS API write does."""
+
 
 def upstream_app() -> web.Application:
-    """A fast JSON tool: answers every call at once, with a small body."""
+    """A fast JSON tool: answers every call at once, with a small body (``/slow/``: after
+    ``SLOW_TOOL_S``)."""
     count = 0
 
     async def handle(request: web.Request) -> web.Response:
         nonlocal count
         count += 1
         body = await request.read()
+        if request.path.startswith("/slow/"):
+            await asyncio.sleep(SLOW_TOOL_S)
         return web.json_response({"ok": True, "n": count, "bytes": len(body)})
 
     app = web.Application()
