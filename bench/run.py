@@ -330,11 +330,19 @@ def _allow_all_policy(config: dict[str, Any], work: Path) -> None:
     policies.mkdir(exist_ok=True)
     (policies / "handrail.rego").write_text(ALLOW_ALL_POLICY)
     config["policy"]["path"] = str(policies)
+    # It reads nothing of the input, so every decision would come from the decision cache:
+    # keep one evaluation per call, so that this row prices the shipped rules alone.
+    config["policy"]["cache"] = {"max_entries": 0}
 
 
 def _floor(config: dict[str, Any], work: Path) -> None:
     for strip in (_no_export, _no_capture, _no_idempotency, _allow_all_policy):
         strip(config, work)
+
+
+def _floor_cached(config: dict[str, Any], work: Path) -> None:
+    _floor(config, work)
+    config["policy"]["cache"] = {"max_entries": 4096}
 
 
 GUARDS: dict[str, Any] = {
@@ -344,10 +352,13 @@ GUARDS: dict[str, Any] = {
     "without idempotency": _no_idempotency,
     "with a one-rule allow-all policy": _allow_all_policy,
     "all four of these off": _floor,
+    "all four off, decided from the cache": _floor_cached,
 }
-"""What each guard costs: Handrail restarted with one of them removed (the last: all four).
+"""What each guard costs: Handrail restarted with one of them removed (then all four).
 The journal, the run counters, the four spans and one policy evaluation per call remain in
-every variant; "all four off" is what Handrail's own plumbing costs."""
+every variant; "all four off" is what Handrail's own plumbing costs. The last variant lets
+the decision cache answer the allow-all policy: the plumbing without the policy worker's
+round trip."""
 
 
 def guard_costs(
