@@ -10,6 +10,7 @@ every cached decision.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from proxy.errors import PolicyUnavailable
 from proxy.policy.cache import DecisionCache
 from proxy.policy.refs import impure_builtins, input_paths
 from tests.conftest import ProxyFactory, Seen
@@ -338,3 +340,96 @@ async def test_the_cache_can_be_turned_off(
     for _ in range(3):
         assert (await proxy.get("/tools/crm/contacts/42")).status == 200
     assert not any(s.get("handrail.decision.cached") for s in policy_spans(spans))
+
+
+# --- the same question asked while it is being evaluated ------------------------------
+
+
+class SlowPolicy:
+    """Stands in for the evaluators: counts evaluations, answers after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.05, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.evaluations = 0
+
+    async def evaluate(self) -> str:
+        self.evaluations += 1
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise PolicyUnavailable("policy evaluation took longer than 1 s")
+        return "allow"
+
+
+async def test_a_burst_of_the_same_question_costs_one_evaluation() -> None:
+    cache = serving()
+    policy = SlowPolicy()
+    answers = await asyncio.gather(
+        *(cache.answer("decision", document(), policy.evaluate) for _ in range(10))
+    )
+    assert policy.evaluations == 1
+    assert sorted(answers) == [("allow", False)] + [("allow", True)] * 9
+    assert (cache.hits, cache.misses) == (9, 1)
+    # Another question is not held up behind it, nor answered by it.
+    other = await cache.answer("decision", document(run__writes=9), SlowPolicy(0).evaluate)
+    assert other == ("allow", False)
+
+
+async def test_a_failed_evaluation_fails_everyone_waiting_for_it() -> None:
+    cache = serving()
+    policy = SlowPolicy(fail=True)
+    answers = await asyncio.gather(
+        *(cache.answer("decision", document(), policy.evaluate) for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert policy.evaluations == 1
+    assert all(isinstance(a, PolicyUnavailable) for a in answers)
+    assert len(cache) == 0  # failures are never kept
+    assert await cache.answer("decision", document(), SlowPolicy(0).evaluate) == ("allow", False)
+
+
+async def test_when_the_evaluating_call_goes_away_the_others_evaluate() -> None:
+    cache = serving()
+    policy = SlowPolicy()
+    first = asyncio.ensure_future(cache.answer("decision", document(), policy.evaluate))
+    await asyncio.sleep(0.01)
+    waiting = [
+        asyncio.ensure_future(cache.answer("decision", document(), policy.evaluate))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.01)
+    first.cancel()
+    answers = await asyncio.gather(*waiting)
+    assert first.cancelled()
+    assert [value for value, _ in answers] == ["allow"] * 3
+    assert policy.evaluations == 2  # the first, abandoned; then one for the three
+
+
+async def test_after_a_reload_a_question_is_not_joined_to_the_old_policy() -> None:
+    cache = serving()
+    old = SlowPolicy()
+    before = asyncio.ensure_future(cache.answer("decision", document(), old.evaluate))
+    await asyncio.sleep(0.01)
+    cache.serve((("agent", "id"), ("request",), ("run", "writes"), ("run", "repeats")), frozenset())
+    new = SlowPolicy(0)
+    assert await cache.answer("decision", document(), new.evaluate) == ("allow", False)
+    assert new.evaluations == 1
+    assert await before == ("allow", False)
+
+
+async def test_parallel_identical_calls_are_evaluated_once(
+    tool: tuple[TestServer, Seen],
+    make_proxy: ProxyFactory,
+    shipped: Path,
+    spans: InMemorySpanExporter,
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(server))
+    # An agent framework firing the same refused call ten times at once (each its own run).
+    answers = await asyncio.gather(
+        *(proxy.post("/tools/crm/notes", json={"text": "AKIAABCDEFGHIJKLMNOP"}) for _ in range(10))
+    )
+    assert [a.status for a in answers] == [403] * 10
+    assert seen.count() == 0
+    cached = [s.get("handrail.decision.cached", False) for s in policy_spans(spans)]
+    assert sorted(cached) == [False] + [True] * 9

@@ -15,16 +15,22 @@ What is cached and when:
 - a policy reload empties the cache, and an evaluation that started before the reload is
   not stored after it;
 - failures are never cached: they fail closed, each time;
-- at most ``max_entries`` decisions, least recently used out first; 0 turns the cache off.
+- at most ``max_entries`` decisions, least recently used out first; 0 turns the cache off;
+- calls that ask the same question while it is being evaluated wait for that evaluation
+  instead of starting their own (a burst of identical retries costs one evaluation); if
+  the call evaluating it goes away first, they evaluate on their own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 _MISSING = 0
 _PRESENT = 1
@@ -50,12 +56,17 @@ def project(document: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> list[
     return out
 
 
+class _Abandoned(Exception):
+    """The call evaluating a shared question went away before the answer came."""
+
+
 class DecisionCache:
     """Values the policy returned, by rule and the parts of the input the policy names."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[bytes, Any] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Future[Any]] = {}
         self._paths: tuple[tuple[str, ...], ...] | None = None
         self.generation = 0
         """Bumped by ``serve``: an evaluation begun under an older policy is not stored."""
@@ -66,6 +77,7 @@ class DecisionCache:
     def serve(self, paths: tuple[tuple[str, ...], ...] | None, impure: frozenset[str]) -> None:
         """A new policy is served: forget every decision, and cache only if it is pure."""
         self._entries.clear()
+        self._pending.clear()  # a question asked from now on is put to the new policy
         self.generation += 1
         self._paths = None
         if self.max_entries <= 0:
@@ -89,13 +101,52 @@ class DecisionCache:
             return None
         return blake2b(text.encode(), digest_size=16).digest()
 
+    async def answer(
+        self, rule: str, document: dict[str, Any], evaluate: Callable[[], Awaitable[T]]
+    ) -> tuple[T, bool]:
+        """``(value, reused)``: from the cache, from the same question's evaluation already
+        under way, or from ``evaluate()`` (kept if the policy is still the one it ran on)."""
+        key = self.key(rule, document)
+        if key is None:
+            return await evaluate(), False
+        hit, kept = self.get(key)
+        if hit:
+            return cast(T, kept), True
+        while (pending := self._pending.get(key)) is not None:
+            try:
+                answered = await asyncio.shield(pending)
+            except _Abandoned:
+                continue  # the first of its waiters to get here evaluates for the rest
+            self.hits += 1
+            return cast(T, answered), True
+        self.misses += 1
+        generation = self.generation
+        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        shared.add_done_callback(_retrieve)
+        self._pending.setdefault(key, shared)
+        try:
+            value = await evaluate()
+        except Exception as exc:
+            shared.set_exception(exc)  # fail closed, all of them
+            raise
+        except BaseException:  # cancelled: the others evaluate on their own
+            shared.set_exception(_Abandoned())
+            raise
+        else:
+            shared.set_result(value)
+            self.put(key, generation, value)
+            return value, False
+        finally:
+            if self._pending.get(key) is shared:
+                del self._pending[key]
+
     def get(self, key: bytes) -> tuple[bool, Any]:
+        """The kept value for ``key`` (and a hit counted), if there is one."""
         entries = self._entries
         if key in entries:
             entries.move_to_end(key)
             self.hits += 1
             return True, entries[key]
-        self.misses += 1
         return False, None
 
     def put(self, key: bytes, generation: int, value: Any) -> None:
@@ -117,3 +168,9 @@ class DecisionCache:
             f"decision cache: {len(self._entries)} of {self.max_entries} entries, "
             f"{self.hits} hits, {self.misses} misses"
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a shared evaluation's failure seen: no call may have waited for it."""
+    if not future.cancelled():
+        future.exception()

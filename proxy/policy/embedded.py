@@ -265,40 +265,28 @@ class EmbeddedEngine:
         return await evaluators.evaluate(rule, document)
 
     async def decide(self, document: dict[str, Any]) -> Decision:
-        cache = self.cache
-        key = cache.key("decision", document)
-        if key is not None:
-            hit, cached = cache.get(key)
-            if hit:
-                earlier: Decision = cached
-                return replace(earlier, decision_id=uuid.uuid4().hex, cached=True)
-        generation = cache.generation
-        defined, value = await self._run("decision", document)
-        if not defined:
-            raise PolicyUnavailable(
-                f"the decision data.{self.entrypoint.replace('/', '.')} is undefined"
-            )
-        decision = decision_from_value(value, uuid.uuid4().hex)
-        if key is not None:
-            cache.put(key, generation, decision)
-        return decision
+        async def evaluate() -> Decision:
+            defined, value = await self._run("decision", document)
+            if not defined:
+                raise PolicyUnavailable(
+                    f"the decision data.{self.entrypoint.replace('/', '.')} is undefined"
+                )
+            return decision_from_value(value)
+
+        decision, reused = await self.cache.answer("decision", document, evaluate)
+        return replace(decision, decision_id=uuid.uuid4().hex, cached=reused)
 
     async def visible(self, document: dict[str, Any]) -> bool:
         served = self._served
         if served is not None and not served.visible:
             return True
-        cache = self.cache
-        key = cache.key("visible", document)
-        if key is not None:
-            hit, cached = cache.get(key)
-            if hit:
-                return bool(cached)
-        generation = cache.generation
-        defined, value = await self._run("visible", document)
-        shown = visible_from_value(defined, value)
-        if key is not None:
-            cache.put(key, generation, shown)
-        return shown
+
+        async def evaluate() -> bool:
+            defined, value = await self._run("visible", document)
+            return visible_from_value(defined, value)
+
+        shown, _ = await self.cache.answer("visible", document, evaluate)
+        return bool(shown)
 
     async def reload(self) -> EngineStatus:
         """Re-compile now; a failure keeps the last good policy and shows in ``status()``."""
