@@ -37,7 +37,8 @@ class Decision:
     require_approval: bool = False
     decision_id: str | None = None
     cached: bool = False
-    """The policy's answer to an earlier call with the same inputs (``policy.cache``)."""
+    """Answered without an evaluation of its own: from the decision cache, or shared with a
+    call that asked the same question at the same time (``proxy.policy.cache``)."""
 
     @property
     def kind(self) -> DecisionKind:

@@ -182,6 +182,16 @@ def crm(server: TestServer) -> dict[str, Any]:
     return {"crm": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}}}
 
 
+async def policy_detail(admin: TestClient) -> str:
+    """What /readyz says of the policy engine (the decision cache's line is in it)."""
+    return str((await (await admin.get("/readyz")).json())["checks"]["policy"]["detail"])
+
+
+def cached_flags(spans: InMemorySpanExporter) -> list[bool]:
+    """``handrail.decision.cached`` of each ``handrail.policy`` span, in order."""
+    return [bool(s.get("handrail.decision.cached", False)) for s in policy_spans(spans)]
+
+
 def policy_spans(spans: InMemorySpanExporter) -> list[dict[str, Any]]:
     return [
         dict(s.attributes or {}) for s in spans.get_finished_spans() if s.name == "handrail.policy"
@@ -210,7 +220,7 @@ async def test_a_repeated_call_is_decided_from_the_cache(
     assert seen.count() == 0
     assert answers[0]["reasons"] == answers[1]["reasons"] == answers[2]["reasons"]
     assert len({a["decision_id"] for a in answers}) == 3  # every decision has its own id
-    cached = [s.get("handrail.decision.cached", False) for s in policy_spans(spans)]
+    cached = cached_flags(spans)
     assert cached == [False, True, True]
     calls = [s for s in spans.get_finished_spans() if s.name == "execute_tool crm"]
     assert [(s.attributes or {}).get("handrail.decision.cached", False) for s in calls] == [
@@ -222,8 +232,7 @@ async def test_a_repeated_call_is_decided_from_the_cache(
     admin = await make_admin(proxy)
     metrics = await (await admin.get("/metrics")).text()
     assert "handrail_policy_cache_hits_total 2.0" in metrics
-    detail = (await (await admin.get("/readyz")).json())["checks"]["policy"]["detail"]
-    assert "decision cache: 1 of 4096 entries, 2 hits, 1 misses" in detail
+    assert "decision cache: 1 of 4096 entries, 2 hits, 1 misses" in await policy_detail(admin)
 
 
 async def test_what_the_policy_reads_is_never_answered_from_the_cache(
@@ -248,7 +257,7 @@ async def test_what_the_policy_reads_is_never_answered_from_the_cache(
     # The first body again, in a run whose write count the policy reads: evaluated again.
     again = await proxy.post("/tools/payments/refunds", json={"amount": 50}, headers=headers)
     assert again.status == 200
-    assert [s.get("handrail.decision.cached", False) for s in policy_spans(spans)] == [
+    assert cached_flags(spans) == [
         False,
         False,
         False,
@@ -281,7 +290,7 @@ async def test_a_cached_allow_does_not_outlive_the_run_write_budget(
     assert [await write("c", f"Bob {i}") for i in range(20)] == [200] * 20
     assert await write("c", "Ada 0") == 403
     assert seen.count() == 60
-    cached = [s.get("handrail.decision.cached", False) for s in policy_spans(spans)]
+    cached = cached_flags(spans)
     assert cached == [False] * 20 + [True] * 20 + [False] * 21
 
 
@@ -323,10 +332,9 @@ async def test_an_impure_policy_is_evaluated_every_time(
     proxy = await make_proxy(crm(server))
     for _ in range(3):
         assert (await proxy.post("/tools/crm/contacts", json={"name": "Ada"})).status == 200
-    assert not any(s.get("handrail.decision.cached") for s in policy_spans(spans))
+    assert not any(cached_flags(spans))
     admin = await make_admin(proxy)
-    detail = (await (await admin.get("/readyz")).json())["checks"]["policy"]["detail"]
-    assert "decision cache off: the policy calls time.now_ns" in detail
+    assert "decision cache off: the policy calls time.now_ns" in await policy_detail(admin)
 
 
 async def test_the_cache_can_be_turned_off(
@@ -339,7 +347,7 @@ async def test_the_cache_can_be_turned_off(
     proxy: TestClient = await make_proxy(crm(server), policy={"cache": {"max_entries": 0}})
     for _ in range(3):
         assert (await proxy.get("/tools/crm/contacts/42")).status == 200
-    assert not any(s.get("handrail.decision.cached") for s in policy_spans(spans))
+    assert not any(cached_flags(spans))
 
 
 # --- the same question asked while it is being evaluated ------------------------------
@@ -431,5 +439,5 @@ async def test_parallel_identical_calls_are_evaluated_once(
     )
     assert [a.status for a in answers] == [403] * 10
     assert seen.count() == 0
-    cached = [s.get("handrail.decision.cached", False) for s in policy_spans(spans)]
+    cached = cached_flags(spans)
     assert sorted(cached) == [False] + [True] * 9
