@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proxy.errors import PolicyUnavailable
-from proxy.policy.cache import DecisionCache
+from proxy.policy.cache import DecisionCache, trim
 from proxy.policy.refs import impure_builtins, input_paths
 from tests.conftest import ProxyFactory, Seen
 
@@ -100,6 +100,34 @@ def serving(max_entries: int = 8) -> DecisionCache:
     paths = (("agent", "id"), ("request",), ("run", "writes"), ("run", "repeats"))
     cache.serve(paths, frozenset())
     return cache
+
+
+def test_the_policy_is_asked_only_what_it_reads() -> None:
+    doc = document()
+    doc["call"] = None
+    paths = (("agent", "id"), ("call", "name"), ("request", "body"), ("run", "writes"))
+    assert trim(doc, paths) == {
+        "agent": {"id": "a"},
+        "request": {"body": {"amount": 5, "to": "x"}},
+        "run": {"writes": 3},
+    }  # call.name does not resolve (call is null): undefined either way
+    assert trim(doc, (("call",),)) == {"call": None}
+
+    cache = serving()
+    question = cache.question("decision", doc)
+    assert question.document == trim(doc, cache._paths or ())
+    assert question.encoded is not None and b"k-1" not in question.encoded  # no key, no time
+    assert question.key is not None
+
+    # An impure policy is asked the trimmed question too, but never from the cache.
+    impure = DecisionCache(8)
+    impure.serve((("run",),), frozenset({"time.now_ns"}))
+    question = impure.question("decision", doc)
+    assert question.document == {"run": doc["run"]} and question.key is None
+    # A policy that reads the input as a whole gets all of it.
+    whole = DecisionCache(8)
+    whole.serve(None, frozenset())
+    assert whole.question("decision", doc) == (doc, None, None)
 
 
 def test_keys_ignore_what_the_policy_does_not_read() -> None:
@@ -373,13 +401,15 @@ async def test_a_burst_of_the_same_question_costs_one_evaluation() -> None:
     cache = serving()
     policy = SlowPolicy()
     answers = await asyncio.gather(
-        *(cache.answer("decision", document(), policy.evaluate) for _ in range(10))
+        *(cache.answer(cache.key("decision", document()), policy.evaluate) for _ in range(10))
     )
     assert policy.evaluations == 1
     assert sorted(answers) == [("allow", False)] + [("allow", True)] * 9
     assert (cache.hits, cache.misses) == (9, 1)
     # Another question is not held up behind it, nor answered by it.
-    other = await cache.answer("decision", document(run__writes=9), SlowPolicy(0).evaluate)
+    other = await cache.answer(
+        cache.key("decision", document(run__writes=9)), SlowPolicy(0).evaluate
+    )
     assert other == ("allow", False)
 
 
@@ -387,22 +417,25 @@ async def test_a_failed_evaluation_fails_everyone_waiting_for_it() -> None:
     cache = serving()
     policy = SlowPolicy(fail=True)
     answers = await asyncio.gather(
-        *(cache.answer("decision", document(), policy.evaluate) for _ in range(5)),
+        *(cache.answer(cache.key("decision", document()), policy.evaluate) for _ in range(5)),
         return_exceptions=True,
     )
     assert policy.evaluations == 1
     assert all(isinstance(a, PolicyUnavailable) for a in answers)
     assert len(cache) == 0  # failures are never kept
-    assert await cache.answer("decision", document(), SlowPolicy(0).evaluate) == ("allow", False)
+    assert await cache.answer(cache.key("decision", document()), SlowPolicy(0).evaluate) == (
+        "allow",
+        False,
+    )
 
 
 async def test_when_the_evaluating_call_goes_away_the_others_evaluate() -> None:
     cache = serving()
     policy = SlowPolicy()
-    first = asyncio.ensure_future(cache.answer("decision", document(), policy.evaluate))
+    first = asyncio.ensure_future(cache.answer(cache.key("decision", document()), policy.evaluate))
     await asyncio.sleep(0.01)
     waiting = [
-        asyncio.ensure_future(cache.answer("decision", document(), policy.evaluate))
+        asyncio.ensure_future(cache.answer(cache.key("decision", document()), policy.evaluate))
         for _ in range(3)
     ]
     await asyncio.sleep(0.01)
@@ -416,11 +449,11 @@ async def test_when_the_evaluating_call_goes_away_the_others_evaluate() -> None:
 async def test_after_a_reload_a_question_is_not_joined_to_the_old_policy() -> None:
     cache = serving()
     old = SlowPolicy()
-    before = asyncio.ensure_future(cache.answer("decision", document(), old.evaluate))
+    before = asyncio.ensure_future(cache.answer(cache.key("decision", document()), old.evaluate))
     await asyncio.sleep(0.01)
     cache.serve((("agent", "id"), ("request",), ("run", "writes"), ("run", "repeats")), frozenset())
     new = SlowPolicy(0)
-    assert await cache.answer("decision", document(), new.evaluate) == ("allow", False)
+    assert await cache.answer(cache.key("decision", document()), new.evaluate) == ("allow", False)
     assert new.evaluations == 1
     assert await before == ("allow", False)
 

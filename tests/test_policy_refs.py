@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.policy.refs import OPTIONAL_REQUEST_FIELDS, optional_fields_sent, request_fields
+from proxy.policy.cache import trim
+from proxy.policy.refs import (
+    OPTIONAL_REQUEST_FIELDS,
+    input_paths,
+    optional_fields_sent,
+    request_fields,
+)
 from tests.conftest import ProxyFactory, Seen
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -150,3 +156,13 @@ async def test_a_reload_that_starts_reading_headers_gets_them(
     admin = await make_admin(proxy)
     assert (await admin.post("/policies/reload")).status == 200
     assert await evil_tenant_status(proxy) == 403
+
+
+def test_a_whole_request_read_keeps_the_whole_request_and_trims_the_rest() -> None:
+    paths = input_paths([HEADER + "r := input.request\nallow if r.headers"])
+    assert paths == (("request",),)
+    document = {
+        "request": {"method": "GET", "headers": {"x-tenant": "a"}, "query": {}},
+        "idempotency_key": "k",
+    }
+    assert trim(document, paths) == {"request": document["request"]}

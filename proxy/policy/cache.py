@@ -1,17 +1,19 @@
 """The decision cache: a pure policy asked the same question twice gives the same answer.
 
 Agents retry and loop: the same call, from the same agent, with the same run counts, comes
-back again and again. A policy that calls no impure builtin (``refs.IMPURE_BUILTINS``: the
-clock, randomness, the network, printing) is a function of its data and of the parts of the
-input its modules name (``refs.input_paths``). The cache keys a decision on those parts
-only, so an input that differs elsewhere (its ``idempotency_key``, its ``time``, headers the
-policy never reads) still hits, and one that differs in anything the policy reads misses.
+back again and again. What a policy reads of its input lies under the paths its modules
+name (``refs.input_paths``), so the engine puts to the policy only those parts (``trim``):
+the question. Its JSON text is both what a policy worker receives and, for a policy that
+calls no impure builtin (``refs.IMPURE_BUILTINS``: the clock, randomness, the network,
+printing), the cache's key: an input that differs elsewhere (its ``idempotency_key``, its
+``time``, headers the policy never reads) asks the same question, and one that differs in
+anything the policy reads asks another.
 
 What is cached and when:
 - the embedded engine only: it compiled the policy and its data and knows when they
   change; an OPA server's data can change behind the proxy's back;
-- keys are a 128-bit BLAKE2b digest of the named parts, so an entry's size does not grow
-  with the body, and a hit never keeps a body alive;
+- keys are a 128-bit BLAKE2b digest of the question, so an entry's size does not grow with
+  the body, and a hit never keeps a body alive;
 - a policy reload empties the cache, and an evaluation that started before the reload is
   not stored after it;
 - failures are never cached: they fail closed, each time;
@@ -28,32 +30,41 @@ import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 T = TypeVar("T")
-
-_MISSING = 0
-_PRESENT = 1
 
 _encode = json.JSONEncoder(
     separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=True
 ).encode
 
 
-def project(document: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> list[Any]:
-    """The values at ``paths`` (``[1, value]``, or ``[0]`` where the path is absent)."""
-    out: list[Any] = []
+def trim(document: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+    """``document`` with only what lies under ``paths``: a path that does not resolve (an
+    absent key, or a value that is not an object on the way) is left out, which a policy
+    reading it cannot tell from the original, where it is undefined too."""
+    out: dict[str, Any] = {}
     for path in paths:
         value: Any = document
         for name in path:
-            if isinstance(value, dict) and name in value:
-                value = value[name]
-            else:
-                out.append([_MISSING])
+            if not isinstance(value, dict) or name not in value:
                 break
+            value = value[name]
         else:
-            out.append([_PRESENT, value])
+            node = out
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = value
     return out
+
+
+class Question(NamedTuple):
+    """What the policy is asked: the input to evaluate, its JSON (``None``: not encoded
+    yet), and its cache key (``None``: this policy's decisions are not cached)."""
+
+    document: dict[str, Any]
+    encoded: bytes | None
+    key: bytes | None
 
 
 class _Abandoned(Exception):
@@ -68,6 +79,8 @@ class DecisionCache:
         self._entries: OrderedDict[bytes, Any] = OrderedDict()
         self._pending: dict[bytes, asyncio.Future[Any]] = {}
         self._paths: tuple[tuple[str, ...], ...] | None = None
+        """What the served policy reads of its input (``None``: may read all of it)."""
+        self._caching = False
         self.generation = 0
         """Bumped by ``serve``: an evaluation begun under an older policy is not stored."""
         self.off_reason: str | None = "no policy loaded"
@@ -79,7 +92,8 @@ class DecisionCache:
         self._entries.clear()
         self._pending.clear()  # a question asked from now on is put to the new policy
         self.generation += 1
-        self._paths = None
+        self._paths = paths
+        self._caching = False
         if self.max_entries <= 0:
             self.off_reason = "turned off (policy.cache.max_entries: 0)"
         elif impure:
@@ -87,26 +101,35 @@ class DecisionCache:
         elif paths is None:
             self.off_reason = "the policy reads the input as a whole"
         else:
-            self._paths = paths
+            self._caching = True
             self.off_reason = None
+
+    def question(self, rule: str, document: dict[str, Any]) -> Question:
+        """``document`` trimmed to what the policy reads, encoded once, and its key."""
+        paths = self._paths
+        if paths is None:
+            return Question(document, None, None)
+        trimmed = trim(document, paths)
+        try:
+            encoded = _encode(trimmed).encode()
+        except (TypeError, ValueError):  # the evaluators say what is wrong with it
+            return Question(trimmed, None, None)
+        if not self._caching:
+            return Question(trimmed, encoded, None)
+        digest = blake2b(rule.encode(), digest_size=16)
+        digest.update(b"\0")
+        digest.update(encoded)
+        return Question(trimmed, encoded, digest.digest())
 
     def key(self, rule: str, document: dict[str, Any]) -> bytes | None:
         """The entry's key for ``document``, or ``None`` when this policy is not cached."""
-        paths = self._paths
-        if paths is None:
-            return None
-        try:
-            text = _encode([rule, project(document, paths)])
-        except (TypeError, ValueError):
-            return None
-        return blake2b(text.encode(), digest_size=16).digest()
+        return self.question(rule, document).key
 
     async def answer(
-        self, rule: str, document: dict[str, Any], evaluate: Callable[[], Awaitable[T]]
+        self, key: bytes | None, evaluate: Callable[[], Awaitable[T]]
     ) -> tuple[T, bool]:
         """``(value, reused)``: from the cache, from the same question's evaluation already
         under way, or from ``evaluate()`` (kept if the policy is still the one it ran on)."""
-        key = self.key(rule, document)
         if key is None:
             return await evaluate(), False
         hit, kept = self.get(key)
@@ -150,7 +173,7 @@ class DecisionCache:
         return False, None
 
     def put(self, key: bytes, generation: int, value: Any) -> None:
-        if generation != self.generation or self._paths is None:
+        if generation != self.generation or not self._caching:
             return
         entries = self._entries
         entries[key] = value

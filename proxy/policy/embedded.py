@@ -35,7 +35,7 @@ from proxy.policy.bundle import (
     read_policy_files,
     served_visible,
 )
-from proxy.policy.cache import DecisionCache
+from proxy.policy.cache import DecisionCache, Question
 from proxy.policy.decision import decision_from_value, visible_from_value
 from proxy.policy.pool import WorkerPool
 from proxy.policy.query import evaluate, first_query_value, node_value
@@ -105,7 +105,10 @@ class _Evaluators(Protocol):
     async def load(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
         """Switch to ``files`` only if they compile (``ConfigError`` keeps the old ones)."""
 
-    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]: ...
+    async def evaluate(
+        self, rule: str, document: dict[str, Any], encoded: bytes | None = None
+    ) -> tuple[bool, Any]:
+        """``encoded``: ``document`` as JSON, if the caller has it already."""
 
     def problem(self) -> str | None: ...
 
@@ -124,8 +127,10 @@ class _Processes:
         await self.pool.check(message)
         await self.pool.load(message)
 
-    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
-        return await self.pool.evaluate(rule, document)
+    async def evaluate(
+        self, rule: str, document: dict[str, Any], encoded: bytes | None = None
+    ) -> tuple[bool, Any]:
+        return await self.pool.evaluate(rule, document, encoded)
 
     def problem(self) -> str | None:
         return self.pool.problem()
@@ -149,7 +154,9 @@ class _Threads:
         loop = asyncio.get_running_loop()
         self.compiled = await loop.run_in_executor(None, compile_files, root, files, entrypoint)
 
-    async def evaluate(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
+    async def evaluate(
+        self, rule: str, document: dict[str, Any], encoded: bytes | None = None
+    ) -> tuple[bool, Any]:
         compiled, executor = self.compiled, self.executor
         if compiled is None or executor is None:
             raise PolicyUnavailable("the embedded policy engine is not started")
@@ -258,34 +265,37 @@ class EmbeddedEngine:
             await self._evaluators.close()
             self._evaluators = None
 
-    async def _run(self, rule: str, document: dict[str, Any]) -> tuple[bool, Any]:
+    async def _run(self, rule: str, question: Question) -> tuple[bool, Any]:
         evaluators = self._evaluators
         if evaluators is None:
             raise PolicyUnavailable("the embedded policy engine is not started")
-        return await evaluators.evaluate(rule, document)
+        return await evaluators.evaluate(rule, question.document, question.encoded)
 
     async def decide(self, document: dict[str, Any]) -> Decision:
+        question = self.cache.question("decision", document)
+
         async def evaluate() -> Decision:
-            defined, value = await self._run("decision", document)
+            defined, value = await self._run("decision", question)
             if not defined:
                 raise PolicyUnavailable(
                     f"the decision data.{self.entrypoint.replace('/', '.')} is undefined"
                 )
             return decision_from_value(value)
 
-        decision, reused = await self.cache.answer("decision", document, evaluate)
+        decision, reused = await self.cache.answer(question.key, evaluate)
         return replace(decision, decision_id=uuid.uuid4().hex, cached=reused)
 
     async def visible(self, document: dict[str, Any]) -> bool:
         served = self._served
         if served is not None and not served.visible:
             return True
+        question = self.cache.question("visible", document)
 
         async def evaluate() -> bool:
-            defined, value = await self._run("visible", document)
+            defined, value = await self._run("visible", question)
             return visible_from_value(defined, value)
 
-        shown, _ = await self.cache.answer("visible", document, evaluate)
+        shown, _ = await self.cache.answer(question.key, evaluate)
         return bool(shown)
 
     async def reload(self) -> EngineStatus:

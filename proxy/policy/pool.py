@@ -345,10 +345,13 @@ class WorkerPool:
         if not self._live and self._down_since is None:
             self._down_since = asyncio.get_running_loop().time()
 
-    async def evaluate(self, rule: str, document: Any) -> tuple[bool, Any]:
-        """``(defined, value)`` of ``rule`` for ``document``; every failure is a 503."""
+    async def evaluate(
+        self, rule: str, document: Any, encoded: bytes | None = None
+    ) -> tuple[bool, Any]:
+        """``(defined, value)`` of ``rule`` for ``document`` (sent as ``encoded``, its JSON,
+        when the caller has it); every failure is a 503."""
         try:
-            body = _encode(document).encode()
+            body = encoded if encoded is not None else _encode(document).encode()
         except (TypeError, ValueError) as exc:
             raise PolicyUnavailable(f"policy input is not JSON: {exc}") from None
         live = self._live

@@ -1,9 +1,12 @@
-"""Which parts of ``input.request`` a policy can read, found in its source text.
+"""What a policy can read of its input, and whether it is pure, found in its source text.
 
 The request's headers and query are the bulk of a policy input document, and most policies
-never look at them: building, sending and converting them is pure cost on every call. This
-finds the ``input.request.<field>`` names the served modules mention, so the proxy can leave
-out ``headers`` and ``query`` when no module does.
+never look at them: building, sending and converting them is pure cost on every call.
+``request_fields`` finds the ``input.request.<field>`` names the served modules mention, so
+the proxy can leave out ``headers`` and ``query`` when no module does; ``input_paths``
+finds every input path they mention, which the engine trims the document to and keys its
+decision cache on (``proxy.policy.cache``); ``impure_builtins`` finds the calls that keep a
+decision out of that cache.
 
 The reading is deliberately conservative: after dropping comments and string literals, any
 mention of ``input`` that is not a plain dotted path to a field of ``input.request`` or of
