@@ -121,10 +121,6 @@ class DecisionCache:
         digest.update(encoded)
         return Question(trimmed, encoded, digest.digest())
 
-    def key(self, rule: str, document: dict[str, Any]) -> bytes | None:
-        """The entry's key for ``document``, or ``None`` when this policy is not cached."""
-        return self.question(rule, document).key
-
     async def answer(
         self, key: bytes | None, evaluate: Callable[[], Awaitable[T]]
     ) -> tuple[T, bool]:

@@ -43,7 +43,7 @@ from proxy.policy.refs import (
     OPTIONAL_REQUEST_FIELDS,
     impure_builtins,
     input_paths,
-    optional_fields_sent,
+    optional_fields_of,
 )
 from proxy.policy.worker import load_message
 
@@ -188,12 +188,13 @@ def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
     files = read_policy_files(root)
     visible = served_visible(root, files, entrypoint)
     served = [text for name, text in files.modules.items() if not is_test_module(Path(name))]
+    paths = input_paths(served)
     return files, _Served(
         files.revision,
         len(files.modules),
         visible is not None,
-        optional_fields_sent(files.modules.values()),
-        input_paths(served),
+        optional_fields_of(paths),
+        paths,
         impure_builtins(served),
     )
 

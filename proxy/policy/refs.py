@@ -34,21 +34,14 @@ _SEGMENT = re.compile(r"\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[")
 
 def request_fields(sources: Iterable[str]) -> frozenset[str] | None:
     """The ``input.request`` fields the modules name, or ``None``: they may read any."""
-    fields: set[str] = set()
-    for source in sources:
-        for match in _LEXEME.finditer(source):
-            lexeme = match.group(0)
-            if not lexeme.startswith("input"):
-                continue  # a string or a comment: never a reference
-            path = [m.group(1) for m in _SEGMENT.finditer(lexeme, len("input"))]
-            if not path or path[0] is None:
-                return None  # the whole input, or input[...]
-            if path[0] != "request":
-                continue  # another top-level key: the request is not involved
-            if len(path) < 2 or path[1] is None:
-                return None  # input.request as a whole, or input.request[...]
-            fields.add(path[1])
-    return frozenset(fields)
+    return fields_of(input_paths(sources))
+
+
+def fields_of(paths: tuple[tuple[str, ...], ...] | None) -> frozenset[str] | None:
+    """``request_fields`` from ``input_paths``' answer."""
+    if paths is None or ("request",) in paths:
+        return None  # the whole input, or input.request as a whole (or indexed)
+    return frozenset(path[1] for path in paths if path[0] == "request")
 
 
 def input_paths(sources: Iterable[str]) -> tuple[tuple[str, ...], ...] | None:
@@ -112,7 +105,12 @@ def impure_builtins(sources: Iterable[str]) -> frozenset[str]:
 
 def optional_fields_sent(sources: Iterable[str]) -> frozenset[str]:
     """Which of ``OPTIONAL_REQUEST_FIELDS`` the input must carry for these modules."""
-    named = request_fields(sources)
+    return optional_fields_of(input_paths(sources))
+
+
+def optional_fields_of(paths: tuple[tuple[str, ...], ...] | None) -> frozenset[str]:
+    """``optional_fields_sent`` from ``input_paths``' answer."""
+    named = fields_of(paths)
     if named is None:
         return OPTIONAL_REQUEST_FIELDS
     return OPTIONAL_REQUEST_FIELDS & named
