@@ -163,6 +163,8 @@ class Call:
     error: HandrailError | None = None
     span: Span | None = None
     timings: Timings = field(default_factory=Timings)
+    journal_entry: Any = None
+    """The journal's handle on this call's write-ahead entry (``Journal.begin``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -145,6 +145,10 @@ class CaptureConfig(_Model):
 class JournalConfig(_Model):
     retention_days: float = Field(7, gt=0)
     max_rows: int = Field(1_000_000, gt=0)
+    spool_dir: Path | None = None
+    """Where each call's write-ahead entry is appended before the database has it (it
+    survives kill -9 and a store outage); default: beside the SQLite store's file, or
+    ``.handrail/journal-spool`` with PostgreSQL. Relative to the config file."""
 
 
 class TracingConfig(_Model):
@@ -224,6 +228,11 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
     if base_dir is not None and not config.policy.path.is_absolute():
         policy = config.policy.model_copy(update={"path": base_dir / config.policy.path})
         config = config.model_copy(update={"policy": policy})
+    spool = config.tracing.journal.spool_dir
+    if base_dir is not None and spool is not None and not spool.is_absolute():
+        journal = config.tracing.journal.model_copy(update={"spool_dir": base_dir / spool})
+        tracing = config.tracing.model_copy(update={"journal": journal})
+        config = config.model_copy(update={"tracing": tracing})
     return config
 
 

@@ -67,3 +67,30 @@ class Metrics:
         self.export_dropped = Counter(
             "handrail_trace_export_dropped", "Spans or journal rows dropped.", ["sink"], registry=r
         )
+        self.journal_retries = Counter(
+            "handrail_journal_write_retries",
+            "Journal batches whose insert failed and was tried again.",
+            registry=r,
+        )
+        self.journal_recovered = Counter(
+            "handrail_journal_recovered",
+            "Journal rows recovered from the write-ahead spool (after a crash or an outage).",
+            registry=r,
+        )
+        self.unknown_outcomes = Counter(
+            "handrail_idempotency_unknown",
+            "Keyed calls whose outcome the proxy could not know, moved to `unknown` (by reason).",
+            ["tool", "reason"],
+            registry=r,
+        )
+        self.settle_retries = Counter(
+            "handrail_idempotency_settle_retries",
+            "Attempts to record a call's outcome in the store that failed and were retried.",
+            registry=r,
+        )
+        self.client_gone = Counter(
+            "handrail_client_disconnects",
+            "Agents that hung up before their answer was sent; the answer was still kept.",
+            ["tool"],
+            registry=r,
+        )

@@ -24,6 +24,9 @@ class Journal(Protocol):
     async def close(self) -> None:
         """Flush what is queued, then close."""
 
+    def begin(self, call: Call) -> None:
+        """Write the call's entry ahead, once it is decided: it survives a crash mid-call."""
+
     def append(self, call: Call) -> None:
         """Queue the call's record; never blocks the call path."""
 

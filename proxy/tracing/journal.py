@@ -269,6 +269,9 @@ class SqlJournal:
         if self._opened:
             await self.db.close()
 
+    def begin(self, call: Call) -> None:
+        """The call's write-ahead entry (not yet durable: see the spool)."""
+
     def append(self, call: Call) -> None:
         """Queue the call's row; never blocks or raises on the call path."""
         if self._closed:
