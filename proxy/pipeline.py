@@ -142,6 +142,7 @@ async def decide(call: Call, deps: Deps) -> None:
             call.timings.policy_s = time.perf_counter() - started
             deps.metrics.policy_latency.observe(call.timings.policy_s)
         call.decision = decision
+        deps.journal.begin(call)
         span.set_attribute("handrail.decision", decision.kind.value)
         span.set_attribute("handrail.policy.engine", deps.engine.name)
         if decision.decision_id:
