@@ -35,11 +35,11 @@ from proxy.errors import (
     PolicyDenied,
     ResponseNotReplayable,
 )
-from proxy.http.forward import send_upstream
 from proxy.policy.input import policy_input
 from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
 from proxy.tracing.attributes import DECISION_CACHED, record_span
 from proxy.tracing.tracer import Span as TracerSpan
+from proxy.upstream import send_upstream
 
 logger = logging.getLogger(__name__)
 

@@ -362,7 +362,7 @@ async def test_call_span_carries_the_mcp_attributes(
 def test_meta_trace_context_is_passed_on_as_the_proxys_own() -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from proxy.http.forward import upstream_body
+    from proxy.upstream import upstream_body
 
     agent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     message = {

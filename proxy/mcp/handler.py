@@ -28,8 +28,7 @@ from proxy import pipeline
 from proxy.call import Call, McpCall, StoredResponse, Upstream
 from proxy.deps import Deps
 from proxy.errors import HandrailError
-from proxy.http.forward import upstream_headers, upstream_url
-from proxy.http.routes import Identity, capture_limit, keep_limit, new_call, read_body, tee
+from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
 from proxy.mcp.relay import (
@@ -41,6 +40,7 @@ from proxy.mcp.relay import (
 )
 from proxy.mcp.render import json_response, render_error, render_invalid
 from proxy.tracing.attributes import JSONRPC_REQUEST_ID, MCP_METHOD_NAME, MCP_SESSION_ID
+from proxy.upstream import upstream_headers, upstream_url
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def link_meta_context(span: Span, params: dict[str, Any]) -> None:
     """``params._meta.traceparent`` names the agent's span for this call.
 
     Without an HTTP ``traceparent`` it is already the call's parent (see
-    ``proxy.http.routes.mcp_meta_parent``); when both are there and name different traces,
+    ``proxy.ingress.request.mcp_meta_parent``); when both are there and name different traces,
     the ``_meta`` one becomes a link.
     """
     meta = params.get("_meta")

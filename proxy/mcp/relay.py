@@ -22,12 +22,12 @@ from multidict import CIMultiDict
 from proxy.call import Call, McpCall, RunCounters, StoredResponse, Upstream
 from proxy.deps import Deps
 from proxy.errors import HandrailError, UpstreamTimeout, UpstreamUnavailable
-from proxy.http.forward import response_headers, upstream_headers, upstream_url
-from proxy.http.routes import Identity, new_call
+from proxy.ingress.request import Identity, new_call
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import catalog
 from proxy.mcp.render import json_response, render_error
 from proxy.policy.input import policy_input
+from proxy.upstream import response_headers, upstream_headers, upstream_url
 
 logger = logging.getLogger(__name__)
 

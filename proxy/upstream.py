@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from urllib.parse import unquote
 
 import aiohttp
 from multidict import CIMultiDict
@@ -17,7 +16,7 @@ from opentelemetry.trace import Span, set_span_in_context
 from yarl import URL
 
 from proxy.call import Call, Upstream
-from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset(
     {
@@ -38,28 +37,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "traceparent", "tracest
 _NOT_RETURNED = HOP_BY_HOP | {"content-length", "server", "date"}
 
 _CHUNK = 64 * 1024
-
-
-def safe_rest_path(raw: str) -> str:
-    """Check the raw (still percent-encoded) path below ``/tools/{tool}``.
-
-    It must stay under the tool's base URL: no ``.``/``..`` segments (also encoded),
-    no encoded slashes or backslashes, no ``//`` that could read as a host.
-    """
-    if not raw:
-        return "/"
-    if not raw.startswith("/"):
-        raise BadRequest("the tool path must start with '/'")
-    lowered = raw.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
-        raise BadRequest("encoded slashes and backslashes are not allowed in a tool path")
-    if "//" in raw:
-        raise BadRequest("empty path segments ('//') are not allowed in a tool path")
-    for segment in raw.split("/"):
-        decoded = unquote(segment)
-        if decoded in (".", "..") or "\x00" in decoded:
-            raise BadRequest(f"path segment {segment!r} is not allowed in a tool path")
-    return raw
 
 
 def upstream_url(base: str, rest: str, query_string: str) -> URL:

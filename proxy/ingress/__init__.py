@@ -1,0 +1,1 @@
+"""What HTTP and MCP share before the pipeline (``request``): identity, path, body, Call."""
