@@ -73,6 +73,7 @@ class ClaimState(StrEnum):
     IN_FLIGHT = "in_flight"  # another caller holds it: 409
     COMPLETED = "completed"  # finished before: replay ``response``
     MISMATCH = "mismatch"  # same key, other payload: 422
+    UNKNOWN = "unknown"  # an earlier call may have run, its outcome was lost: 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,33 @@ class Claim:
     state: ClaimState
     owner: str = ""
     response: StoredResponse | None = None
+    reason: str | None = None
+    """Why an ``UNKNOWN`` record is unknown (``UnknownReason``)."""
+    resent: bool = False
+    """``OWNED`` by taking over an unknown record: the tool may see this key a second time
+    (allowed only where the tool deduplicates ``Idempotency-Key`` itself)."""
+
+
+class UnknownReason(StrEnum):
+    """Why a keyed call's outcome could not be known; each is a ``handrail_idempotency_unknown``
+    label and part of the 409 ``outcome_unknown`` answer."""
+
+    LEASE_EXPIRED = "lease_expired"  # its proxy died (or lost the store) mid-call
+    TIMEOUT = "timeout"  # the tool did not answer in time after the request was sent
+    CONNECTION_LOST = "connection_lost"  # the connection broke after the request was sent
+    ANSWER_BROKEN = "answer_broken"  # the tool's answer broke off before its end
+    NO_RESPONSE = "no_response"  # an MCP stream ended without the call's JSON-RPC response
+    CANCELLED = "cancelled"  # the MCP client cancelled the call while the tool had it
+    INTERRUPTED = "interrupted"  # the proxy was stopped while the tool had the call
+
+
+class Outcome(StrEnum):
+    """What the proxy knows of a forwarded call once it ends: how its key is settled."""
+
+    ANSWERED = "answered"  # the tool's whole answer was read: keep it (a 5xx may release)
+    NOT_RUN = "not_run"  # the tool cannot have run it (connect refused, a protocol refusal)
+    INTERIM = "interim"  # an answer that is not the call's end (MCP input_required): release
+    UNKNOWN = "unknown"  # it may have run, and its answer is lost: the key becomes unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +186,16 @@ class Call:
     """The response body as sent, kept up to the store/capture limit."""
     body_overflow: bool = False
     delivered: bool = False
-    """The whole answer reached the agent (a stream that broke midway leaves this false)."""
+    """The tool's whole answer was read (and kept, within the limits), whether or not the
+    agent was still there to receive it."""
+    client_gone: bool = False
+    """The agent hung up before its answer was sent in full."""
+    sent: bool = False
+    """The request may have reached the tool (set once a connection to it was made)."""
+    outcome: Outcome | None = None
+    unknown_reason: UnknownReason | None = None
+    on_progress: Callable[[], None] | None = None
+    """Called as the tool's answer makes progress (an SSE event): keeps the key's lease."""
     replayed: bool = False
     error: HandrailError | None = None
     span: Span | None = None

@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from proxy.call import ClaimState, RunCounters, StoredResponse
+from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
 from proxy.config import StoreConfig
 from proxy.errors import StoreUnavailable
 from proxy.store import purge_loop, store_from_config
 from proxy.store.base import Store
 from proxy.store.postgres import PostgresStore
+from proxy.store.records import Next, Record, read_claim
 from proxy.store.sqlite import SqliteStore
 from tests.support_relay import PostgresRelay
 
@@ -167,13 +168,16 @@ def _key() -> str:
     return f"key-{uuid.uuid4().hex}"
 
 
-async def _claim(store: Store, key: str, fingerprint: str = "fp-1", **times: float) -> Any:
+async def _claim(
+    store: Store, key: str, fingerprint: str = "fp-1", *, takeover: bool = False, **times: float
+) -> Any:
     return await store.claim(
         "crm",
         key,
         fingerprint,
         lease_s=times.get("lease_s", LEASE),
         ttl_s=times.get("ttl_s", TTL),
+        takeover=takeover,
     )
 
 
@@ -255,24 +259,50 @@ async def test_released_key_is_owned_by_the_next_claim(store: Store) -> None:
     assert again.owner != claim.owner
 
 
-async def test_expired_lease_is_taken_over_by_a_new_owner(store: Store) -> None:
+async def test_expired_lease_makes_the_key_unknown_not_free(store: Store) -> None:
     key = _key()
-    crashed = await _claim(store, key, lease_s=0.5)
+    await _claim(store, key, lease_s=0.5)
     assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
     await asyncio.sleep(0.6)
-    taken = await _claim(store, key)
-    assert taken.state is ClaimState.OWNED
+    first = await _claim(store, key)
+    again = await _claim(store, key)
+    assert first.state is ClaimState.UNKNOWN and first.reason == "lease_expired"
+    assert again.state is ClaimState.UNKNOWN and again.reason == "lease_expired"
+    assert (await _claim(store, key, "fp-other")).state is ClaimState.MISMATCH
+
+
+async def test_expired_lease_is_taken_over_where_the_tool_dedupes(store: Store) -> None:
+    key = _key()
+    crashed = await _claim(store, key, lease_s=0.3)
+    assert (await _claim(store, key, takeover=True)).state is ClaimState.IN_FLIGHT
+    await asyncio.sleep(0.4)
+    taken = await _claim(store, key, takeover=True)
+    assert taken.state is ClaimState.OWNED and taken.resent
     assert taken.owner != crashed.owner
+    assert (await _claim(store, key, "fp-other", takeover=True)).state is ClaimState.MISMATCH
+
+
+async def test_a_fresh_claim_is_not_resent(store: Store) -> None:
+    assert not (await _claim(store, _key(), takeover=True)).resent
+
+
+async def test_owner_settles_its_own_unknown_record_late(store: Store) -> None:
+    key = _key()
+    slow = await _claim(store, key, lease_s=0.2)
+    await asyncio.sleep(0.3)
+    assert (await _claim(store, key)).state is ClaimState.UNKNOWN
+    assert await store.complete("crm", key, slow.owner, OK)
+    assert (await _claim(store, key)).response == OK
 
 
 async def test_old_owner_cannot_complete_a_taken_over_key(store: Store) -> None:
     key = _key()
     crashed = await _claim(store, key, lease_s=0.2)
     await asyncio.sleep(0.3)
-    taken = await _claim(store, key)
-    await store.complete("crm", key, crashed.owner, StoredResponse(200, (), b"stale"))
+    taken = await _claim(store, key, takeover=True)
+    assert not await store.complete("crm", key, crashed.owner, StoredResponse(200, (), b"stale"))
     assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
-    await store.complete("crm", key, taken.owner, OK)
+    assert await store.complete("crm", key, taken.owner, OK)
     assert (await _claim(store, key)).response == OK
 
 
@@ -280,9 +310,68 @@ async def test_old_owner_cannot_release_a_taken_over_key(store: Store) -> None:
     key = _key()
     crashed = await _claim(store, key, lease_s=0.2)
     await asyncio.sleep(0.3)
-    await _claim(store, key)
-    await store.release("crm", key, crashed.owner)
+    await _claim(store, key, takeover=True)
+    assert not await store.release("crm", key, crashed.owner)
     assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
+
+
+async def test_marked_unknown_key_refuses_retries_with_its_reason(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    assert await store.mark_unknown("crm", key, claim.owner, "timeout")
+    answer = await _claim(store, key)
+    assert answer.state is ClaimState.UNKNOWN and answer.reason == "timeout"
+    assert not await store.mark_unknown("crm", key, "someone-else", "timeout")
+
+
+async def test_extended_lease_keeps_the_key_in_flight(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key, lease_s=0.3)
+    await asyncio.sleep(0.2)
+    assert await store.extend("crm", key, claim.owner, 0.5)
+    await asyncio.sleep(0.2)
+    assert (await _claim(store, key)).state is ClaimState.IN_FLIGHT
+
+
+async def test_unknown_key_resolved_as_failed_runs_again(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    await store.mark_unknown("crm", key, claim.owner, "timeout")
+    listed = [(r.tool, r.key, r.reason) for r in await store.unknown_keys(1000)]
+    assert ("crm", key, "timeout") in listed
+    assert await store.resolve("crm", key, None) == "unknown"
+    assert (await _claim(store, key)).state is ClaimState.OWNED
+    assert ("crm", key, "timeout") not in [
+        (r.tool, r.key, r.reason) for r in await store.unknown_keys(1000)
+    ]
+
+
+async def test_unknown_key_resolved_with_an_answer_replays_it(store: Store) -> None:
+    key = _key()
+    await _claim(store, key, lease_s=0.1)
+    await asyncio.sleep(0.2)  # its proxy died: in flight past the lease, resolvable as it is
+    record = await store.inspect("crm", key)
+    assert record is not None and record.state == "unknown" and record.reason == "lease_expired"
+    assert await store.resolve("crm", key, OK) == "unknown"
+    assert (await _claim(store, key)).response == OK
+
+
+async def test_only_unknown_keys_can_be_resolved(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    assert await store.resolve("crm", key, None) == "in_flight"
+    await store.complete("crm", key, claim.owner, OK)
+    assert await store.resolve("crm", key, StoredResponse(500, (), b"no")) == "completed"
+    assert (await _claim(store, key)).response == OK
+    assert await store.resolve("crm", _key(), None) is None
+
+
+async def test_unknown_record_expires_after_its_ttl(store: Store) -> None:
+    key = _key()
+    claim = await _claim(store, key, ttl_s=0.3)
+    await store.mark_unknown("crm", key, claim.owner, "timeout")
+    await asyncio.sleep(0.4)
+    assert (await _claim(store, key)).state is ClaimState.OWNED
 
 
 async def test_owner_cannot_complete_a_key_twice(store: Store) -> None:
@@ -417,7 +506,7 @@ async def test_schema_version_is_recorded_beside_other_components(backend: Backe
     await store.close()
     await backend.open(location)
     rows = await _schema_rows(backend, location)
-    assert rows == {"journal": 7, "store": 1}
+    assert rows == {"journal": 7, "store": 2}
 
 
 async def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
@@ -425,7 +514,7 @@ async def test_replicas_starting_together_migrate_once(backend: Backend) -> None
     stores = await asyncio.gather(*(backend.open(location) for _ in range(3)))
     assert (await _claim(stores[0], "k")).state is ClaimState.OWNED
     assert (await _claim(stores[2], "k")).state is ClaimState.IN_FLIGHT
-    assert await _schema_rows(backend, location) == {"store": 1}
+    assert await _schema_rows(backend, location) == {"store": 2}
 
 
 async def _schema_rows(backend: Backend, location: str) -> dict[str, int]:
@@ -448,6 +537,11 @@ def _every_method(store: Store) -> list[Callable[[], Awaitable[Any]]]:
         lambda: _claim(store, "k"),
         lambda: store.complete("crm", "k", "owner", OK),
         lambda: store.release("crm", "k", "owner"),
+        lambda: store.mark_unknown("crm", "k", "owner", "timeout"),
+        lambda: store.extend("crm", "k", "owner", 1.0),
+        lambda: store.inspect("crm", "k"),
+        lambda: store.unknown_keys(10),
+        lambda: store.resolve("crm", "k", None),
         store.purge_expired,
         lambda: store.run_counters("run", "fp"),
         lambda: store.reserve_call("run", "fp", write=True),
@@ -469,7 +563,7 @@ async def test_every_method_fails_closed_on_driver_errors(backend: Backend) -> N
     await backend.execute(
         location,
         "DROP TABLE handrail_schema; DROP TABLE handrail_idempotency; "
-        "DROP TABLE handrail_runs; DROP TABLE handrail_run_calls;",
+        "DROP TABLE handrail_runs; DROP TABLE handrail_run_calls; DROP TABLE handrail_health;",
     )
     for method in _every_method(store):
         with pytest.raises(StoreUnavailable):
@@ -707,3 +801,32 @@ async def test_absolute_sqlite_url_is_absolute(tmp_path: Path) -> None:
 def test_postgres_urls_build_the_postgres_store(scheme: str) -> None:
     store = store_from_config(StoreConfig(url=f"{scheme}://user@db.internal/handrail"))
     assert isinstance(store, PostgresStore)
+
+
+# The claim's reading of a record (pure)
+
+
+def _record(**fields: Any) -> Record:
+    base: dict[str, Any] = {
+        "fingerprint": "fp-1",
+        "state": "in_flight",
+        "owner": "them",
+        "lease_over": False,
+        "expired": False,
+    }
+    return Record(**{**base, **fields})
+
+
+def test_a_claim_that_reached_the_store_is_recognised_as_its_own() -> None:
+    answer = read_claim(_record(owner="me"), "fp-1", "me", takeover=False)
+    assert isinstance(answer, Claim) and answer.state is ClaimState.OWNED
+
+
+def test_a_record_past_its_lease_is_marked_unknown_unless_the_tool_dedupes() -> None:
+    assert read_claim(_record(lease_over=True), "fp-1", "me", False) is Next.MARK_STALE
+    assert read_claim(_record(lease_over=True), "fp-1", "me", True) is Next.RETRY
+
+
+def test_an_unknown_record_with_another_payload_is_a_mismatch() -> None:
+    answer = read_claim(_record(state="unknown", reason="timeout"), "fp-2", "me", True)
+    assert isinstance(answer, Claim) and answer.state is ClaimState.MISMATCH

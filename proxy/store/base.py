@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.call import Claim, RunCounters, StoredResponse
+from proxy.store.records import KeyRecord
 
 
 class Store(Protocol):
@@ -18,23 +19,49 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise ``StoreUnavailable`` when the store cannot be reached (for /readyz)."""
+        """Raise ``StoreUnavailable`` when the store cannot be written (for /readyz)."""
 
     async def claim(
-        self, tool: str, key: str, fingerprint: str, *, lease_s: float, ttl_s: float
+        self,
+        tool: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_s: float,
+        ttl_s: float,
+        takeover: bool = False,
     ) -> Claim:
         """Atomically claim (tool, key). Exactly one concurrent caller gets ``OWNED``.
 
-        An in-flight record whose lease has run out (its proxy crashed) is taken over.
         A completed record with the same fingerprint gives ``COMPLETED`` with its response;
-        any record with another fingerprint gives ``MISMATCH``.
+        any live record with another fingerprint gives ``MISMATCH``. An in-flight record
+        whose lease has run out (its proxy crashed) becomes ``UNKNOWN``, as does any record
+        marked so, until it expires or an operator resolves it; with ``takeover`` (the tool
+        deduplicates the key itself) such a record is claimed again instead (``resent``).
         """
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> None:
-        """Keep the response for replay until the record's expiry."""
+    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
+        """Keep the response for replay until the record's expiry (also from ``unknown``:
+        a late answer of the owner's settles it). False: the record is no longer ours."""
 
-    async def release(self, tool: str, key: str, owner: str) -> None:
-        """Drop an owned in-flight record so that a retry runs the tool (5xx, transport error)."""
+    async def release(self, tool: str, key: str, owner: str) -> bool:
+        """Drop an owned record so that a retry runs the tool: it cannot have run."""
+
+    async def mark_unknown(self, tool: str, key: str, owner: str, reason: str) -> bool:
+        """The owned call may have run and its outcome is lost: retries get 409."""
+
+    async def extend(self, tool: str, key: str, owner: str, lease_s: float) -> bool:
+        """The call is still making progress at the tool: push its lease out to ``lease_s``."""
+
+    async def inspect(self, tool: str, key: str) -> KeyRecord | None: ...
+
+    async def unknown_keys(self, limit: int) -> list[KeyRecord]:
+        """Records in ``unknown``, oldest first: what an operator has to resolve."""
+
+    async def resolve(self, tool: str, key: str, response: StoredResponse | None) -> str | None:
+        """An operator settles an ``unknown`` record: ``None`` marks it failed (deleted, so
+        the retry runs), a response completes it (replayed). Returns the state it had, or
+        ``None`` when there is no such record; only ``unknown`` records are changed."""
 
     async def purge_expired(self) -> int:
         """Delete expired records; returns how many."""

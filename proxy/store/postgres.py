@@ -8,18 +8,18 @@ connection. Timestamps come from the server's clock (``now()``) so replicas agre
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 
-from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
+from proxy.call import Claim, ClaimState, RunCounters, StoredResponse, UnknownReason
 from proxy.errors import StoreUnavailable
 from proxy.migrations import Migrations, migrate_postgres
+from proxy.store.records import KeyRecord, Next, Record, encode_headers, read_claim
 
 logger = logging.getLogger(__name__)
 
@@ -66,47 +66,108 @@ MIGRATIONS: Migrations = (
             "CREATE INDEX handrail_run_calls_updated ON handrail_run_calls (updated_at)",
         ),
     ),
+    (
+        2,
+        (
+            # unknown: the call may have run and its outcome was lost (see store/records.py).
+            "ALTER TABLE handrail_idempotency ADD COLUMN reason text",
+            "ALTER TABLE handrail_idempotency ADD COLUMN attempts integer NOT NULL DEFAULT 1",
+            "CREATE INDEX handrail_idempotency_unsettled ON handrail_idempotency (created_at) "
+            "WHERE state <> 'completed'",
+            "CREATE TABLE handrail_health (id integer PRIMARY KEY, at timestamptz NOT NULL)",
+        ),
+    ),
 )
 
 # Owned: the first branch returns a row. Otherwise the second returns the record as this
-# statement's snapshot sees it; no row (or a stale one) means a concurrent change we could
-# not see yet, and the claim is simply tried again.
+# statement's snapshot sees it (``records.read_claim`` reads it); no row means a concurrent
+# change we could not see yet, and the claim is simply tried again. A record is taken over
+# when it expired (and is not in flight under a live lease), or, with $7 (the tool
+# deduplicates the key itself), when it is unknown or its lease ran out.
 _CLAIM = """
 WITH claimed AS (
     INSERT INTO handrail_idempotency AS r
-        (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at)
+        (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at, attempts)
     VALUES ($1, $2, $3, 'in_flight', $4, now() + make_interval(secs => $5),
-            now() + make_interval(secs => $6), now())
+            now() + make_interval(secs => $6), now(), 1)
     ON CONFLICT (tool, key) DO UPDATE SET
         fingerprint = EXCLUDED.fingerprint, state = 'in_flight', owner = EXCLUDED.owner,
         lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at,
         created_at = EXCLUDED.created_at,
-        status = NULL, headers = NULL, body = NULL, complete = NULL
-    WHERE (r.state = 'completed' AND r.expires_at <= now())
-       OR (r.state = 'in_flight' AND r.lease_until <= now())
-    RETURNING 1
+        status = NULL, headers = NULL, body = NULL, complete = NULL, reason = NULL,
+        attempts = CASE WHEN r.expires_at <= now() THEN 1 ELSE r.attempts + 1 END
+    WHERE (r.expires_at <= now() AND (r.state <> 'in_flight' OR r.lease_until <= now()))
+       OR ($7 AND r.fingerprint = EXCLUDED.fingerprint
+           AND (r.state = 'unknown' OR (r.state = 'in_flight' AND r.lease_until <= now())))
+    RETURNING r.attempts
 )
-SELECT true AS owned, NULL::text AS fingerprint, NULL::text AS state, false AS stale,
+SELECT true AS owned, attempts, NULL::text AS fingerprint, NULL::text AS state,
+       NULL::text AS owner, false AS lease_over, false AS expired,
        NULL::integer AS status, NULL::text AS headers, NULL::bytea AS body,
-       NULL::boolean AS complete
+       NULL::boolean AS complete, NULL::text AS reason
 FROM claimed
 UNION ALL
-SELECT false, fingerprint, state,
-       CASE state WHEN 'in_flight' THEN lease_until <= now() ELSE expires_at <= now() END,
-       status, headers, body, complete
+SELECT false, attempts, fingerprint, state, owner, lease_until <= now(), expires_at <= now(),
+       status, headers, body, complete, reason
 FROM handrail_idempotency
 WHERE tool = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)
 """
 
+_MARK_STALE = """
+UPDATE handrail_idempotency SET state = 'unknown', reason = 'lease_expired'
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight' AND lease_until <= now()
+"""
+
 _COMPLETE = """
 UPDATE handrail_idempotency
-SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7
-WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7, reason = NULL
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state IN ('in_flight', 'unknown')
 """
 
 _RELEASE = """
 DELETE FROM handrail_idempotency
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state IN ('in_flight', 'unknown')
+"""
+
+_MARK_UNKNOWN = """
+UPDATE handrail_idempotency SET state = 'unknown', reason = $4
 WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+"""
+
+_EXTEND = """
+UPDATE handrail_idempotency
+SET lease_until = greatest(lease_until, now() + make_interval(secs => $4))
+WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight'
+"""
+
+# What an operator may resolve: unknown, or in flight past its lease (its proxy is gone).
+_UNSETTLED = "(state = 'unknown' OR (state = 'in_flight' AND lease_until <= now()))"
+
+_KEY_COLUMNS = f"""
+tool, key, CASE WHEN {_UNSETTLED} THEN 'unknown' ELSE state END AS state,
+CASE WHEN state = 'in_flight' AND lease_until <= now() THEN 'lease_expired' ELSE reason END
+    AS reason,
+attempts, extract(epoch FROM created_at)::float8 AS created_at,
+extract(epoch FROM expires_at)::float8 AS expires_at, status
+"""
+
+_INSPECT = f"SELECT {_KEY_COLUMNS} FROM handrail_idempotency WHERE tool = $1 AND key = $2"
+
+_UNKNOWN_KEYS = f"""
+SELECT {_KEY_COLUMNS} FROM handrail_idempotency
+WHERE state <> 'completed' AND {_UNSETTLED} ORDER BY created_at LIMIT $1
+"""
+
+_RESOLVE_FAILED = f"DELETE FROM handrail_idempotency WHERE tool = $1 AND key = $2 AND {_UNSETTLED}"
+
+_RESOLVE_ANSWER = f"""
+UPDATE handrail_idempotency
+SET state = 'completed', status = $3, headers = $4, body = $5, complete = true, reason = NULL
+WHERE tool = $1 AND key = $2 AND {_UNSETTLED}
+"""
+
+_PING = """
+INSERT INTO handrail_health (id, at) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET at = now()
 """
 
 _RUN_COUNTERS = """
@@ -145,9 +206,9 @@ WITH gone AS (
     DELETE FROM handrail_idempotency
     WHERE (tool, key) IN (
         SELECT tool, key FROM handrail_idempotency
-        WHERE expires_at <= now() AND (state = 'completed' OR lease_until <= now())
+        WHERE expires_at <= now() AND (state <> 'in_flight' OR lease_until <= now())
         LIMIT {PURGE_BATCH}
-    ) AND expires_at <= now() AND (state = 'completed' OR lease_until <= now())
+    ) AND expires_at <= now() AND (state <> 'in_flight' OR lease_until <= now())
     RETURNING 1
 )
 SELECT count(*) FROM gone
@@ -184,14 +245,6 @@ _DRIVER_ERRORS = (
     OSError,
     TimeoutError,
 )
-
-
-def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
-    return json.dumps([[k, v] for k, v in headers], separators=(",", ":"))
-
-
-def _decode_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
-    return tuple((str(k), str(v)) for k, v in json.loads(raw or "[]"))
 
 
 def _affected(status: str) -> int:
@@ -263,73 +316,114 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        """A pooled connection; every driver failure inside becomes ``StoreUnavailable``."""
+        """A pooled connection; every driver failure inside becomes ``StoreUnavailable``.
+
+        One deadline, ``timeout_s``, covers the wait for a connection and the statements
+        made on it: an operation never waits twice the store's timeout."""
         if self._pool is None:
             raise StoreUnavailable("the PostgreSQL store is not open")
         try:
-            async with self._pool.acquire(timeout=self.timeout_s) as conn:
-                yield conn
+            async with asyncio.timeout(self.timeout_s):
+                async with self._pool.acquire() as conn:
+                    yield conn
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"the PostgreSQL store failed: {exc!r}") from exc
 
     async def ping(self) -> None:
+        """A real write: a database that refuses writes makes the store not ready."""
         async with self._connection() as conn:
-            await conn.fetchval(
-                "SELECT version FROM handrail_schema WHERE component = $1", COMPONENT
-            )
+            await conn.execute(_PING)
 
     async def claim(
-        self, tool: str, key: str, fingerprint: str, *, lease_s: float, ttl_s: float
+        self,
+        tool: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_s: float,
+        ttl_s: float,
+        takeover: bool = False,
     ) -> Claim:
         owner = uuid.uuid4().hex
+        args = (tool, key, fingerprint, owner, float(lease_s), float(ttl_s), takeover)
+        failure: StoreUnavailable | None = None
         for _ in range(_CLAIM_ATTEMPTS):
-            async with self._connection() as conn:
-                row = await conn.fetchrow(
-                    _CLAIM, tool, key, fingerprint, owner, float(lease_s), float(ttl_s)
-                )
-            if row is None or row["stale"]:
-                continue  # changed concurrently, after this statement's snapshot: look again
-            if row["owned"]:
-                return Claim(ClaimState.OWNED, owner=owner)
-            if row["fingerprint"] != fingerprint:
-                return Claim(ClaimState.MISMATCH)
-            if row["state"] == "in_flight":
-                return Claim(ClaimState.IN_FLIGHT)
-            response = StoredResponse(
-                status=int(row["status"]),
-                headers=_decode_headers(row["headers"]),
-                body=bytes(row["body"] or b""),
-                complete=bool(row["complete"]),
-            )
-            return Claim(ClaimState.COMPLETED, response=response)
+            try:
+                async with self._connection() as conn:
+                    row = await conn.fetchrow(_CLAIM, *args)
+            except StoreUnavailable as exc:
+                # The statement may have reached the database with its answer lost: try once
+                # more under the same owner, which recognises the record as this claim's own.
+                if failure is not None:
+                    raise
+                failure = exc
+                continue
+            if row is not None and row["owned"]:
+                return Claim(ClaimState.OWNED, owner=owner, resent=row["attempts"] > 1)
+            record = None if row is None else Record(*tuple(row)[2:])
+            answer = read_claim(record, fingerprint, owner, takeover)
+            if answer is Next.MARK_STALE:
+                assert record is not None
+                async with self._connection() as conn:
+                    changed = _affected(await conn.execute(_MARK_STALE, tool, key, record.owner))
+                if changed:
+                    return Claim(ClaimState.UNKNOWN, reason=UnknownReason.LEASE_EXPIRED)
+                continue
+            if isinstance(answer, Claim):
+                return answer
         raise StoreUnavailable(f"could not settle a claim on key {key!r} (too much contention)")
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> None:
+    async def _change(self, sql: str, *args: Any) -> bool:
         async with self._connection() as conn:
-            status = await conn.execute(
-                _COMPLETE,
+            return bool(_affected(await conn.execute(sql, *args)))
+
+    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
+        return await self._change(
+            _COMPLETE,
+            tool,
+            key,
+            owner,
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            response.complete,
+        )
+
+    async def release(self, tool: str, key: str, owner: str) -> bool:
+        return await self._change(_RELEASE, tool, key, owner)
+
+    async def mark_unknown(self, tool: str, key: str, owner: str, reason: str) -> bool:
+        return await self._change(_MARK_UNKNOWN, tool, key, owner, reason)
+
+    async def extend(self, tool: str, key: str, owner: str, lease_s: float) -> bool:
+        return await self._change(_EXTEND, tool, key, owner, float(lease_s))
+
+    async def inspect(self, tool: str, key: str) -> KeyRecord | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_INSPECT, tool, key)
+        return KeyRecord(*tuple(row)) if row is not None else None
+
+    async def unknown_keys(self, limit: int) -> list[KeyRecord]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(_UNKNOWN_KEYS, limit)
+        return [KeyRecord(*tuple(row)) for row in rows]
+
+    async def resolve(self, tool: str, key: str, response: StoredResponse | None) -> str | None:
+        before = await self.inspect(tool, key)
+        if before is None or before.state != "unknown":
+            return before.state if before is not None else None
+        if response is None:
+            await self._change(_RESOLVE_FAILED, tool, key)
+        else:
+            await self._change(
+                _RESOLVE_ANSWER,
                 tool,
                 key,
-                owner,
                 response.status,
-                _encode_headers(response.headers),
+                encode_headers(response.headers),
                 response.body,
-                response.complete,
             )
-        if not _affected(status):
-            logger.warning(
-                "idempotency key %r was no longer ours to complete (lease ran out)",
-                key,
-                extra={"tool": tool},
-            )
-
-    async def release(self, tool: str, key: str, owner: str) -> None:
-        async with self._connection() as conn:
-            status = await conn.execute(_RELEASE, tool, key, owner)
-        if not _affected(status):
-            logger.info(
-                "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
-            )
+        return before.state
 
     async def purge_expired(self) -> int:
         """Delete expired idempotency records (returned) and runs idle for ``run_ttl_s``."""

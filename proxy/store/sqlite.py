@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -50,17 +49,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.call import Claim, ClaimState, RunCounters, StoredResponse
+from proxy.call import Claim, ClaimState, RunCounters, StoredResponse, UnknownReason
 from proxy.errors import StoreUnavailable
+from proxy.store.records import KeyRecord, Next, Record, encode_headers, read_claim
 from proxy.store.sqlite_schema import (
     CLAIM,
     COMPLETE,
-    COMPONENT,
+    EXTEND,
+    INSPECT,
+    MARK_STALE,
+    MARK_UNKNOWN,
+    PING,
     READ,
     REFUND,
     RELEASE,
     RESERVE,
+    RESOLVE_ANSWER,
+    RESOLVE_FAILED,
     RUN_COUNTERS,
+    UNKNOWN_KEYS,
     migrate,
     purge,
 )
@@ -114,14 +121,6 @@ def _settle(future: asyncio.Future[Any], value: Any, failure: BaseException | No
         future.set_exception(failure)
     else:
         future.set_result(value)
-
-
-def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
-    return json.dumps([[k, v] for k, v in headers], separators=(",", ":"))
-
-
-def _decode_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
-    return tuple((str(k), str(v)) for k, v in json.loads(raw or "[]"))
 
 
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -429,10 +428,18 @@ class SqliteStore:
             return await asyncio.get_running_loop().run_in_executor(side, run)
 
     async def ping(self) -> None:
-        await self._fetch("SELECT version FROM handrail_schema WHERE component = ?", (COMPONENT,))
+        """A real write: a full disk or a read-only file makes the store not ready."""
+        await self._changes(PING, (time.time(),))
 
     async def claim(
-        self, tool: str, key: str, fingerprint: str, *, lease_s: float, ttl_s: float
+        self,
+        tool: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_s: float,
+        ttl_s: float,
+        takeover: bool = False,
     ) -> Claim:
         owner = uuid.uuid4().hex
         for _ in range(_CLAIM_ATTEMPTS):
@@ -445,32 +452,26 @@ class SqliteStore:
                 "now": now,
                 "lease_until": now + lease_s,
                 "expires_at": now + ttl_s,
+                "takeover": int(takeover),
             }
-            if await self._fetch(CLAIM, params):
-                return Claim(ClaimState.OWNED, owner=owner)
-            rows = await self._fetch(READ, (tool, key))
-            if not rows:
-                continue  # released between the two statements: claim again
-            fp, state, lease_until, expires_at, status, headers, body, complete = rows[0]
-            if lease_until <= now if state == "in_flight" else expires_at <= now:
-                continue  # went stale between the two statements: take it over
-            if fp != fingerprint:
-                return Claim(ClaimState.MISMATCH)
-            if state == "in_flight":
-                return Claim(ClaimState.IN_FLIGHT)
-            response = StoredResponse(
-                status=int(status),
-                headers=_decode_headers(headers),
-                body=bytes(body or b""),
-                complete=bool(complete),
-            )
-            return Claim(ClaimState.COMPLETED, response=response)
+            if rows := await self._fetch(CLAIM, params):
+                return Claim(ClaimState.OWNED, owner=owner, resent=rows[0][0] > 1)
+            rows = await self._fetch(READ, {"tool": tool, "key": key, "now": now})
+            record = Record(*rows[0]) if rows else None
+            answer = read_claim(record, fingerprint, owner, takeover)
+            if answer is Next.MARK_STALE:
+                assert record is not None
+                if await self._changes(MARK_STALE, (tool, key, record.owner, now)):
+                    return Claim(ClaimState.UNKNOWN, reason=UnknownReason.LEASE_EXPIRED)
+                continue
+            if isinstance(answer, Claim):
+                return answer
         raise StoreUnavailable(f"could not settle a claim on key {key!r} (too much contention)")
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> None:
+    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
         params = (
             response.status,
-            _encode_headers(response.headers),
+            encode_headers(response.headers),
             response.body,
             int(response.complete),
             tool,
@@ -481,18 +482,40 @@ class SqliteStore:
             done = await self._aside(lambda conn: conn.execute(COMPLETE, params).rowcount)
         else:
             done = await self._changes(COMPLETE, params)
-        if not done:
-            logger.warning(
-                "idempotency key %r was no longer ours to complete (lease ran out)",
-                key,
-                extra={"tool": tool},
-            )
+        return bool(done)
 
-    async def release(self, tool: str, key: str, owner: str) -> None:
-        if not await self._changes(RELEASE, (tool, key, owner)):
-            logger.info(
-                "idempotency key %r was no longer ours to release", key, extra={"tool": tool}
+    async def release(self, tool: str, key: str, owner: str) -> bool:
+        return bool(await self._changes(RELEASE, (tool, key, owner)))
+
+    async def mark_unknown(self, tool: str, key: str, owner: str, reason: str) -> bool:
+        return bool(await self._changes(MARK_UNKNOWN, (reason, tool, key, owner)))
+
+    async def extend(self, tool: str, key: str, owner: str, lease_s: float) -> bool:
+        return bool(await self._changes(EXTEND, (time.time() + lease_s, tool, key, owner)))
+
+    async def inspect(self, tool: str, key: str) -> KeyRecord | None:
+        rows = await self._fetch(INSPECT, {"tool": tool, "key": key, "now": time.time()})
+        return KeyRecord(*rows[0]) if rows else None
+
+    async def unknown_keys(self, limit: int) -> list[KeyRecord]:
+        rows = await self._fetch(UNKNOWN_KEYS, {"now": time.time(), "limit": limit})
+        return [KeyRecord(*row) for row in rows]
+
+    async def resolve(self, tool: str, key: str, response: StoredResponse | None) -> str | None:
+        before = await self.inspect(tool, key)
+        if before is None or before.state != "unknown":
+            return before.state if before is not None else None
+        params: dict[str, Any] = {"tool": tool, "key": key, "now": time.time()}
+        if response is None:
+            await self._changes(RESOLVE_FAILED, params)
+        else:
+            params.update(
+                status=response.status,
+                headers=encode_headers(response.headers),
+                body=response.body,
             )
+            await self._changes(RESOLVE_ANSWER, params)
+        return before.state
 
     async def purge_expired(self) -> int:
         """Delete expired idempotency records (returned) and runs idle for ``run_ttl_s``."""

@@ -70,36 +70,99 @@ MIGRATIONS: Migrations = (
             END""",
         ),
     ),
+    (
+        2,
+        (
+            # unknown: the call may have run and its outcome was lost (see store/records.py).
+            "ALTER TABLE handrail_idempotency ADD COLUMN reason TEXT",
+            "ALTER TABLE handrail_idempotency ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
+            "CREATE INDEX handrail_idempotency_unsettled ON handrail_idempotency (created_at) "
+            "WHERE state != 'completed'",
+            "CREATE TABLE handrail_health (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
+        ),
+    ),
 )
 
+# A record is taken over when it expired (and is not in flight under a live lease), or, with
+# :takeover (the tool deduplicates the key itself), when it is unknown or its lease ran out.
 CLAIM = """
 INSERT INTO handrail_idempotency AS r
-    (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at)
-VALUES (:tool, :key, :fp, 'in_flight', :owner, :lease_until, :expires_at, :now)
+    (tool, key, fingerprint, state, owner, lease_until, expires_at, created_at, attempts)
+VALUES (:tool, :key, :fp, 'in_flight', :owner, :lease_until, :expires_at, :now, 1)
 ON CONFLICT (tool, key) DO UPDATE SET
     fingerprint = excluded.fingerprint, state = 'in_flight', owner = excluded.owner,
     lease_until = excluded.lease_until, expires_at = excluded.expires_at,
     created_at = excluded.created_at,
-    status = NULL, headers = NULL, body = NULL, complete = NULL
-WHERE (r.state = 'completed' AND r.expires_at <= :now)
-   OR (r.state = 'in_flight' AND r.lease_until <= :now)
-RETURNING 1
+    status = NULL, headers = NULL, body = NULL, complete = NULL, reason = NULL,
+    attempts = CASE WHEN r.expires_at <= :now THEN 1 ELSE r.attempts + 1 END
+WHERE (r.expires_at <= :now AND (r.state != 'in_flight' OR r.lease_until <= :now))
+   OR (:takeover AND r.fingerprint = excluded.fingerprint
+       AND (r.state = 'unknown' OR (r.state = 'in_flight' AND r.lease_until <= :now)))
+RETURNING attempts
 """
 
 READ = """
-SELECT fingerprint, state, lease_until, expires_at, status, headers, body, complete
-FROM handrail_idempotency WHERE tool = ? AND key = ?
+SELECT fingerprint, state, owner, lease_until <= :now, expires_at <= :now,
+       status, headers, body, complete, reason
+FROM handrail_idempotency WHERE tool = :tool AND key = :key
+"""
+
+MARK_STALE = """
+UPDATE handrail_idempotency SET state = 'unknown', reason = 'lease_expired'
+WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight' AND lease_until <= ?
 """
 
 COMPLETE = """
 UPDATE handrail_idempotency
-SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?
-WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
+SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?, reason = NULL
+WHERE tool = ? AND key = ? AND owner = ? AND state IN ('in_flight', 'unknown')
 """
 
 RELEASE = """
 DELETE FROM handrail_idempotency
+WHERE tool = ? AND key = ? AND owner = ? AND state IN ('in_flight', 'unknown')
+"""
+
+MARK_UNKNOWN = """
+UPDATE handrail_idempotency SET state = 'unknown', reason = ?
 WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
+"""
+
+EXTEND = """
+UPDATE handrail_idempotency SET lease_until = max(lease_until, ?)
+WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight'
+"""
+
+# What an operator may resolve: unknown, or in flight past its lease (its proxy is gone).
+UNSETTLED = "(state = 'unknown' OR (state = 'in_flight' AND lease_until <= :now))"
+
+INSPECT = """
+SELECT tool, key, CASE WHEN state = 'in_flight' AND lease_until <= :now THEN 'unknown'
+       ELSE state END, CASE WHEN state = 'in_flight' AND lease_until <= :now
+       THEN 'lease_expired' ELSE reason END, attempts, created_at, expires_at, status
+FROM handrail_idempotency WHERE tool = :tool AND key = :key
+"""
+
+UNKNOWN_KEYS = f"""
+SELECT tool, key, 'unknown', coalesce(reason, 'lease_expired'), attempts, created_at,
+       expires_at, status
+FROM handrail_idempotency WHERE state != 'completed' AND {UNSETTLED}
+ORDER BY created_at LIMIT :limit
+"""
+
+RESOLVE_FAILED = f"""
+DELETE FROM handrail_idempotency WHERE tool = :tool AND key = :key AND {UNSETTLED}
+"""
+
+RESOLVE_ANSWER = f"""
+UPDATE handrail_idempotency
+SET state = 'completed', status = :status, headers = :headers, body = :body, complete = 1,
+    reason = NULL
+WHERE tool = :tool AND key = :key AND {UNSETTLED}
+"""
+
+PING = """
+INSERT INTO handrail_health (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at
 """
 
 RUN_COUNTERS = """
@@ -128,7 +191,7 @@ WHERE run_id = ?
 """
 
 PURGE_WHERE = {
-    "handrail_idempotency": "expires_at <= ?1 AND (state = 'completed' OR lease_until <= ?1)",
+    "handrail_idempotency": "expires_at <= ?1 AND (state != 'in_flight' OR lease_until <= ?1)",
     "handrail_runs": "updated_at <= ?",
     "handrail_run_calls": "updated_at <= ?",
 }
