@@ -193,6 +193,9 @@ class Call:
     sent: bool = False
     """The request may have reached the tool (set once a connection to it was made)."""
     outcome: Outcome | None = None
+    server_error: bool = False
+    """The tool answered that it failed in a way a status does not show (an MCP JSON-RPC
+    internal error): settled like a 5xx."""
     unknown_reason: UnknownReason | None = None
     on_progress: Callable[[], None] | None = None
     """Called as the tool's answer makes progress (an SSE event): keeps the key's lease."""

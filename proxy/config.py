@@ -53,14 +53,24 @@ class IdempotencyConfig(_Model):
     exempt_read_only: bool = False
     """MCP: skip keys for tools whose annotations say ``readOnlyHint``."""
     lease_margin_s: float = Field(5.0, ge=0)
-    """A claimed key outlives the tool's timeout by this much before another proxy may take
-    it over (the holder crashed)."""
+    """A claimed key outlives the tool's timeout by this much; past it, the holder is taken
+    for dead and the key's outcome is ``unknown``."""
+    upstream_dedupes: bool = False
+    """The tool honours ``Idempotency-Key`` itself: a key whose outcome is unknown may be
+    sent to it again (instead of 409 ``outcome_unknown``)."""
+    release_on_5xx: bool = True
+    """A 5xx the tool answered itself (MCP: a JSON-RPC internal error) frees the key so a
+    retry runs; false keeps and replays it like any answer."""
 
 
 class ToolConfig(_Model):
     upstream: str
     kind: Literal["http", "mcp"] = "http"
     timeout_s: float = Field(30, gt=0)
+    """http: the whole exchange's deadline. mcp: the longest silence between the server's
+    events (progress and server requests reset it)."""
+    max_duration_s: float | None = Field(None, gt=0)
+    """mcp: an optional deadline on a whole tools/call answer, however lively."""
     headers: dict[str, str] = Field(default_factory=dict)
     idempotency: IdempotencyConfig = IdempotencyConfig()
     max_body_bytes: int = Field(1_048_576, gt=0)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from opentelemetry.trace import Tracer
 
+from proxy.background import Background
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.policy.base import PolicyEngine
@@ -23,3 +24,4 @@ class Deps:
     tracer: Tracer
     session: aiohttp.ClientSession
     metrics: Metrics
+    background: Background = field(default_factory=Background)

@@ -8,6 +8,7 @@
     ├── ApprovalPending                403 approval_pending
     ├── UnknownTool                    404 unknown_tool
     ├── IdempotencyKeyInUse            409 idempotency_key_in_use
+    ├── OutcomeUnknown                 409 outcome_unknown
     ├── PayloadTooLarge                413 payload_too_large
     ├── IdempotencyKeyReused           422 idempotency_key_reused
     ├── ResponseNotReplayable          409 response_not_replayable
@@ -36,6 +37,8 @@ class HandrailError(Exception):
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = details
+        self.counted = False
+        """Already counted in ``handrail_errors_total`` (by the pipeline's ``record``)."""
 
     def body(self, trace_id: str | None) -> dict[str, Any]:
         """The SPEC's error body: ``{"error": {"code", "message", "trace_id", ...}}``."""
@@ -70,6 +73,12 @@ class UnknownTool(HandrailError):
 
 class IdempotencyKeyInUse(HandrailError):
     status, code = 409, "idempotency_key_in_use"
+
+
+class OutcomeUnknown(HandrailError):
+    """The key's earlier call may have run and its outcome was lost: it is not run again."""
+
+    status, code = 409, "outcome_unknown"
 
 
 class ResponseNotReplayable(HandrailError):

@@ -6,6 +6,7 @@ and ``UpstreamTimeout``; nothing above this module sees an aiohttp client except
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,8 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import Span, set_span_in_context
 from yarl import URL
 
-from proxy.call import Call, Upstream
+from proxy.call import Call, Outcome, UnknownReason, Upstream
+from proxy.config import ToolConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset(
@@ -82,16 +84,48 @@ def response_headers(headers: CIMultiDict[str] | list[tuple[str, str]]) -> list[
     return [(k, v) for k, v in items if k.lower() not in drop]
 
 
-async def _body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _body(
+    response: aiohttp.ClientResponse, call: Call, deadline: float | None
+) -> AsyncIterator[bytes]:
+    """The answer's body as it arrives; a failure here comes after the tool had the call."""
+    loop = asyncio.get_running_loop()
     try:
-        async for chunk in response.content.iter_chunked(_CHUNK):
+        if deadline is None:
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                yield chunk
+            return
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(response.content.readany(), left)
+            if not chunk:
+                return
             yield chunk
     except TimeoutError as exc:
+        _lost(call, UnknownReason.TIMEOUT)
         raise UpstreamTimeout("the tool did not finish its answer in time") from exc
     except aiohttp.ClientError as exc:
+        _lost(call, UnknownReason.ANSWER_BROKEN)
         raise UpstreamUnavailable(f"the tool's answer broke off: {exc}") from exc
     finally:
         response.release()
+
+
+def _lost(call: Call, reason: UnknownReason) -> None:
+    call.outcome = Outcome.UNKNOWN
+    call.unknown_reason = reason
+
+
+def client_timeout(tool: ToolConfig) -> aiohttp.ClientTimeout:
+    """http: ``timeout_s`` bounds the whole exchange. mcp: an answer may be a long SSE
+    stream, so ``timeout_s`` bounds the silence between its events (``max_duration_s``,
+    if set, the whole of it)."""
+    if tool.kind == "mcp":
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=tool.timeout_s, sock_read=tool.timeout_s
+        )
+    return aiohttp.ClientTimeout(total=tool.timeout_s, sock_connect=tool.timeout_s)
 
 
 def upstream_body(call: Call, span: Span | None) -> bytes:
@@ -119,29 +153,41 @@ async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span |
         span.set_attribute("server.address", url.host or "")
         if url.port is not None:
             span.set_attribute("server.port", url.port)
-    timeout = aiohttp.ClientTimeout(total=call.tool.timeout_s)
+    loop = asyncio.get_running_loop()
+    limit = call.tool.max_duration_s if call.tool.kind == "mcp" else None
+    deadline = loop.time() + limit if limit else None
+    call.sent = True  # from here on the tool may have the request, unless connecting fails
     try:
-        response = await session.request(
-            call.method,
-            url,
-            headers=upstream_headers(call, span),
-            data=upstream_body(call, span) or None,
-            timeout=timeout,
-            allow_redirects=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        )
+        async with asyncio.timeout_at(deadline):
+            response = await session.request(
+                call.method,
+                url,
+                headers=upstream_headers(call, span),
+                data=upstream_body(call, span) or None,
+                timeout=client_timeout(call.tool),
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+    except aiohttp.ConnectionTimeoutError as exc:
+        call.sent, call.outcome = False, Outcome.NOT_RUN
+        raise UpstreamTimeout(
+            f"tool {call.tool_name!r} did not accept a connection within {call.tool.timeout_s:g}s"
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        call.sent, call.outcome = False, Outcome.NOT_RUN
+        raise UpstreamUnavailable(f"tool {call.tool_name!r} is unreachable: {exc}") from exc
     except TimeoutError as exc:
+        _lost(call, UnknownReason.TIMEOUT)
         raise UpstreamTimeout(
             f"tool {call.tool_name!r} did not answer within {call.tool.timeout_s:g}s"
         ) from exc
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-        raise UpstreamUnavailable(f"tool {call.tool_name!r} is unreachable: {exc}") from exc
-    except aiohttp.ClientError as exc:
+    except (aiohttp.ClientError, OSError) as exc:
+        _lost(call, UnknownReason.CONNECTION_LOST)
         raise UpstreamUnavailable(f"tool {call.tool_name!r} failed: {exc}") from exc
     return Upstream(
         status=response.status,
         headers=response_headers(list(response.headers.items())),
-        body=_body(response),
+        body=_body(response, call, deadline),
         content_length=response.content_length,
         release=response.release,
     )

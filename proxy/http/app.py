@@ -18,6 +18,7 @@ from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import add_traceresponse, error_middleware
 from proxy.http.routes import handle_tool
 from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
+from proxy.mcp.cancels import MCP_CANCELS, Cancellations
 from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
@@ -27,6 +28,7 @@ from proxy.tracing.tracer import Tracer
 logger = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 60.0
+BACKGROUND_GRACE_S = 10.0
 PROVIDER = web.AppKey("tracer_provider", TracerProvider)
 
 __all__ = ["build_admin_app", "build_app"]
@@ -40,6 +42,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
     app[CONFIG] = config
     app[METRICS] = metrics
     app[MCP_CATALOG] = ToolCatalog()
+    app[MCP_CANCELS] = Cancellations()
     if tracer_provider is not None:
         app[PROVIDER] = tracer_provider
     app.cleanup_ctx.append(_backends)
@@ -83,6 +86,8 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
         )
         app[DEPS] = deps
+        # Settles the store refused are retried for a while before the store closes.
+        stack.push_async_callback(deps.background.drain, BACKGROUND_GRACE_S)
         purge = asyncio.create_task(purge_loop(store, PURGE_INTERVAL_S))
         stack.callback(purge.cancel)
         logger.info(

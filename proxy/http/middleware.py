@@ -27,8 +27,9 @@ def trace_ids(request: web.Request) -> TraceIds:
 
 def error_response(request: web.Request, exc: HandrailError) -> web.Response:
     metrics = request.app.get(METRICS)
-    if metrics is not None:
+    if metrics is not None and not exc.counted:
         metrics.errors.labels(exc.code).inc()
+        exc.counted = True
     return web.json_response(exc.body(trace_ids(request).trace_id), status=exc.status)
 
 

@@ -10,9 +10,10 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 
 from proxy import pipeline
-from proxy.call import Call, StoredResponse, Upstream
+from proxy.call import Call, Outcome, StoredResponse, Upstream
 from proxy.errors import HandrailError, UnknownTool
 from proxy.http.keys import DEPS, TRACE_IDS, TraceIds
+from proxy.ingress.reply import AgentStream
 from proxy.ingress.request import (
     capture_limit,
     identify,
@@ -53,7 +54,7 @@ class HttpReply:
         if length is not None and length <= SMALL_BODY:
             body = b"".join([chunk async for chunk in upstream.body])
             tee(call, body, keep)
-            call.delivered = True
+            call.delivered, call.outcome = True, Outcome.ANSWERED
             self.response = web.Response(
                 status=upstream.status, body=body, headers=CIMultiDict(upstream.headers)
             )
@@ -62,19 +63,13 @@ class HttpReply:
         if length is not None:
             response.content_length = length
         self.response = response
-        await response.prepare(self.request)
-        client_gone = False
-        async for chunk in upstream.body:
+        agent = AgentStream(self.request, response, call)
+        await agent.start()
+        async for chunk in upstream.body:  # read to the end even if the agent has gone
             tee(call, chunk, keep)
-            if not client_gone:
-                try:
-                    await response.write(chunk)
-                except (ConnectionError, RuntimeError):
-                    # Keep reading the tool's answer so the idempotency record is whole.
-                    client_gone = True
-        call.delivered = True
-        if not client_gone:
-            await response.write_eof()
+            await agent.write(chunk)
+        call.delivered, call.outcome = True, Outcome.ANSWERED
+        await agent.finish()
 
 
 async def handle_tool(request: web.Request) -> web.StreamResponse:

@@ -25,12 +25,14 @@ from opentelemetry.trace import Span, SpanKind, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import pipeline
-from proxy.call import Call, McpCall, StoredResponse, Upstream
+from proxy.call import Call, McpCall, Outcome, StoredResponse, UnknownReason, Upstream
 from proxy.deps import Deps
 from proxy.errors import HandrailError
+from proxy.ingress.reply import AgentStream
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
+from proxy.mcp.cancels import cancellations
 from proxy.mcp.relay import (
     SKIP_AUTO_HEADERS,
     bare_call,
@@ -73,6 +75,10 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         ident.span.update_name(f"{first.method} {ident.tool_name}")
     else:
         ident.span.update_name(f"POST {ident.tool_name}")
+    for message in parsed.messages:
+        if message.method == "notifications/cancelled":
+            request_id = message.params.get("requestId")
+            cancellations(request).note(ident.tool_name, ident.agent_id, session, request_id)
     for message in parsed.requests:
         if message.method == "tools/list" and message.id is not None:
             catalog(request).expect_list(ident.tool_name, session, message.id)
@@ -192,6 +198,7 @@ class McpReply:
             body = b"".join([chunk async for chunk in upstream.body])
             tee(call, body, keep)
             call.delivered = True
+            self._settle_on_json(call, upstream.status, body)
             self.response = web.Response(
                 status=upstream.status, body=body, headers=CIMultiDict(upstream.headers)
             )
@@ -201,25 +208,59 @@ class McpReply:
         ] + [("Content-Type", "application/json")]
         response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(upstream.headers))
         self.response = response
-        await response.prepare(self.request)
+        agent = AgentStream(self.request, response, call)
+        await agent.start()
         parser = jsonrpc.SseParser()
-        found = client_gone = False
-        async for chunk in upstream.body:
-            if not found:
-                for event in parser.feed(chunk):
-                    if _answers(jsonrpc.event_message(event), self.request_id):
-                        # The response message is the whole answer: once it is here the
-                        # record is complete, even if the agent hangs up on the rest.
-                        tee(call, event.data.encode(), keep)
-                        found = call.delivered = True
-            if not client_gone:
-                try:
-                    await response.write(chunk)
-                except (ConnectionError, RuntimeError):
-                    client_gone = True  # keep reading: the record must be whole
-        # Without a response message the record stays incomplete: never replayed, never re-run.
-        if not client_gone:
-            await response.write_eof()
+        found = False
+        async for chunk in upstream.body:  # read to the end even if the agent has gone
+            for event in parser.feed(chunk):
+                if call.on_progress is not None:
+                    call.on_progress()  # progress, server requests: the call is alive
+                message = jsonrpc.event_message(event)
+                if not found and _answers(message, self.request_id):
+                    # The response message is the whole answer: once it is here the
+                    # record is complete, even if the agent hangs up on the rest.
+                    tee(call, event.data.encode(), keep)
+                    found = call.delivered = True
+                    _settle_on(call, message)
+            await agent.write(chunk)
+        if not found:
+            # The stream ended without the call's response: it may have run.
+            call.outcome = Outcome.UNKNOWN
+            cancelled = cancellations(self.request).seen(call, self.request_id)
+            call.unknown_reason = (
+                UnknownReason.CANCELLED if cancelled else UnknownReason.NO_RESPONSE
+            )
+        await agent.finish()
+
+    def _settle_on_json(self, call: Call, status: int, body: bytes) -> None:
+        if 400 <= status < 500:
+            call.outcome = Outcome.NOT_RUN  # refused at the protocol level (session, headers)
+            return
+        if status >= 500:
+            call.outcome = Outcome.ANSWERED
+            return
+        try:
+            message = jsonrpc.loads(body)
+        except ValueError:
+            message = None
+        if _answers(message, self.request_id):
+            _settle_on(call, message)
+        elif isinstance(message, dict) and "error" in message and message.get("id") is None:
+            call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
+        else:
+            call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
+
+
+def _settle_on(call: Call, message: dict[str, Any]) -> None:
+    kind = jsonrpc.response_kind(message)
+    if kind is jsonrpc.ResponseKind.REFUSED:
+        call.outcome = Outcome.NOT_RUN
+    elif kind is jsonrpc.ResponseKind.INTERIM:
+        call.outcome = Outcome.INTERIM
+    else:
+        call.outcome = Outcome.ANSWERED
+        call.server_error = kind is jsonrpc.ResponseKind.FAILED
 
 
 def _answers(obj: Any, request_id: Any) -> bool:

@@ -381,3 +381,28 @@ def _answers(obj: Any, request_id: RequestId | None) -> bool:
         and "method" not in obj
         and (request_id is None or obj.get("id") == request_id)
     )
+
+
+PROTOCOL_ERRORS = frozenset({PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS})
+"""JSON-RPC errors that refuse a request before it is served: a tools/call so answered
+did not run its tool."""
+
+
+class ResponseKind(StrEnum):
+    """What a ``tools/call`` response says of the tool (how its key is settled)."""
+
+    RESULT = "result"  # the tool ran: its result (``isError`` included) is the answer
+    REFUSED = "refused"  # a protocol-level error: the tool did not run
+    FAILED = "failed"  # a server error (internal, or -32000..-32099): like an HTTP 5xx
+    INTERIM = "interim"  # 2026-07-28 ``input_required``: the call goes on in a retry
+
+
+def response_kind(obj: dict[str, Any]) -> ResponseKind:
+    error = obj.get("error")
+    if error is not None:
+        code = error.get("code") if isinstance(error, dict) else None
+        return ResponseKind.REFUSED if code in PROTOCOL_ERRORS else ResponseKind.FAILED
+    result = obj.get("result")
+    if isinstance(result, dict) and result.get("resultType") == "input_required":
+        return ResponseKind.INTERIM
+    return ResponseKind.RESULT

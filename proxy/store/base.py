@@ -30,6 +30,7 @@ class Store(Protocol):
         lease_s: float,
         ttl_s: float,
         takeover: bool = False,
+        owner: str | None = None,
     ) -> Claim:
         """Atomically claim (tool, key). Exactly one concurrent caller gets ``OWNED``.
 
@@ -38,6 +39,7 @@ class Store(Protocol):
         whose lease has run out (its proxy crashed) becomes ``UNKNOWN``, as does any record
         marked so, until it expires or an operator resolves it; with ``takeover`` (the tool
         deduplicates the key itself) such a record is claimed again instead (``resent``).
+        ``owner`` (default: a new one) lets the caller free a claim whose answer it lost.
         """
 
     async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:

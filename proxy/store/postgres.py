@@ -343,8 +343,9 @@ class PostgresStore:
         lease_s: float,
         ttl_s: float,
         takeover: bool = False,
+        owner: str | None = None,
     ) -> Claim:
-        owner = uuid.uuid4().hex
+        owner = owner or uuid.uuid4().hex
         args = (tool, key, fingerprint, owner, float(lease_s), float(ttl_s), takeover)
         failure: StoreUnavailable | None = None
         for _ in range(_CLAIM_ATTEMPTS):

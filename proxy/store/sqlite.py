@@ -440,8 +440,9 @@ class SqliteStore:
         lease_s: float,
         ttl_s: float,
         takeover: bool = False,
+        owner: str | None = None,
     ) -> Claim:
-        owner = uuid.uuid4().hex
+        owner = owner or uuid.uuid4().hex
         for _ in range(_CLAIM_ATTEMPTS):
             now = time.time()
             params = {
