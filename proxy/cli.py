@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--limit", type=int, default=50, metavar="N")
     traces.add_argument("--json", action="store_true", dest="as_json")
 
+    keys = commands.add_parser(
+        "keys", help="list, show or resolve idempotency keys whose outcome is unknown"
+    )
+    keys.add_argument("action", choices=("list", "show", "resolve"))
+    keys.add_argument("tool", nargs="?", metavar="TOOL")
+    keys.add_argument("key", nargs="?", metavar="KEY")
+    keys.add_argument(
+        "--failed", action="store_true", help="resolve: the call did not take effect; retry runs"
+    )
+    keys.add_argument(
+        "--answer",
+        type=Path,
+        metavar="FILE",
+        help='resolve: the call took effect with this answer, {"status", "headers", "body"}',
+    )
+    keys.add_argument("--json", action="store_true", dest="as_json")
+    _config_arg(keys)
+
     approvals = commands.add_parser("approvals", help="list and decide held calls")
     approvals.add_argument("action", choices=("list", "approve", "reject"))
     approvals.add_argument("id", nargs="?")
@@ -159,6 +177,21 @@ def dispatch(args: argparse.Namespace) -> int:
             limit=args.limit,
             as_json=args.as_json,
             out=sys.stdout,
+        )
+    if args.command == "keys":
+        config = _load(args.config)
+        from proxy.store.commands import keys_command
+
+        return keys_command(
+            config,
+            args.action,
+            args.tool,
+            args.key,
+            failed=args.failed,
+            answer=args.answer,
+            as_json=args.as_json,
+            out=sys.stdout,
+            err=sys.stderr,
         )
     # approvals and replay: the contract names them; they arrive with human approval and
     # run replay. Until then, say so plainly instead of pretending.

@@ -1,4 +1,4 @@
-"""The admin plane: health, readiness, metrics, the journal and policy reloads.
+"""The admin plane: health, readiness, metrics, the journal, unknown keys and policy reloads.
 
 It runs on its own listener beside the data plane and reads the data app's backends.
 A configured token is required as ``Authorization: Bearer <token>`` (constant-time compare).
@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.errors import BadRequest, HandrailError
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import error_middleware
+from proxy.store.records import resolution
 from proxy.tracing.base import CallQuery
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ class Unauthorized(HandrailError):
 
 class NotFound(HandrailError):
     status, code = 404, "not_found"
+
+
+class NotUnknown(HandrailError):
+    status, code = 409, "not_unknown"
 
 
 def _bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
@@ -92,6 +97,48 @@ async def calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": rows})
 
 
+async def unknown_keys(request: web.Request) -> web.Response:
+    """Keys whose outcome is unknown: what an operator has to resolve."""
+    deps = request.app[DATA_APP][DEPS]
+    try:
+        limit = max(1, min(int(request.query.get("limit", "100")), 10_000))
+    except ValueError:
+        raise BadRequest("limit must be a number") from None
+    records = await deps.store.unknown_keys(limit)
+    return web.json_response({"keys": [r.as_dict() for r in records]})
+
+
+async def key_record(request: web.Request) -> web.Response:
+    deps = request.app[DATA_APP][DEPS]
+    tool, key = request.match_info["tool"], request.match_info["key"]
+    record = await deps.store.inspect(tool, key)
+    if record is None:
+        raise NotFound(f"no record for key {key!r} of tool {tool!r}")
+    return web.json_response(record.as_dict())
+
+
+async def resolve_key(request: web.Request) -> web.Response:
+    """``{"failed": true}`` lets the retry run; ``{"answer": {...}}`` replays that answer."""
+    deps = request.app[DATA_APP][DEPS]
+    tool, key = request.match_info["tool"], request.match_info["key"]
+    try:
+        document = await request.json()
+    except ValueError:
+        raise BadRequest('the body must be JSON: {"failed": true} or {"answer": {...}}') from None
+    try:
+        response = resolution(document)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    was = await deps.store.resolve(tool, key, response)
+    if was is None:
+        raise NotFound(f"no record for key {key!r} of tool {tool!r}")
+    if was != "unknown":
+        raise NotUnknown(f"key {key!r} of tool {tool!r} is {was}, not unknown: nothing to resolve")
+    now = "released" if response is None else "completed"
+    logger.warning("idempotency key %r of tool %r resolved by an operator: %s", key, tool, now)
+    return web.json_response({"tool": tool, "key": key, "was": was, "now": now})
+
+
 async def reload_policies(request: web.Request) -> web.Response:
     deps = request.app[DATA_APP][DEPS]
     status = await deps.engine.reload()
@@ -116,6 +163,9 @@ def build_admin_app(data_app: web.Application) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/calls", calls)
+    app.router.add_get("/keys", unknown_keys)
+    app.router.add_get("/keys/{tool}/{key}", key_record)
+    app.router.add_post("/keys/{tool}/{key}", resolve_key)
     app.router.add_post("/policies/reload", reload_policies)
     app.router.add_get("/approvals", approvals)
     app.router.add_post("/approvals/{id}", decide_approval)

@@ -9,6 +9,7 @@ deduplicates ``Idempotency-Key`` itself (``takeover``) or an operator resolves i
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,3 +102,50 @@ def encode_headers(headers: Sequence[tuple[str, str]]) -> str:
 
 def decode_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in json.loads(raw or "[]"))
+
+
+def parse_answer(document: object) -> StoredResponse:
+    """An operator's answer for an unknown key: ``{"status": 201, "headers": {...} or
+    [[name, value], ...], "body": "text"}`` (or ``"body_base64"``). Raises ValueError."""
+
+    if not isinstance(document, dict):
+        raise ValueError("the answer must be a JSON object with status, headers and body")
+    unknown = set(document) - {"status", "headers", "body", "body_base64"}
+    if unknown:
+        raise ValueError(f"unknown answer field(s): {', '.join(sorted(unknown))}")
+    status = document.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        raise ValueError("answer.status must be an HTTP status code (100-599)")
+    raw_headers = document.get("headers", {})
+    if isinstance(raw_headers, dict):
+        pairs = list(raw_headers.items())
+    elif isinstance(raw_headers, list) and all(
+        isinstance(p, list) and len(p) == 2 for p in raw_headers
+    ):
+        pairs = [(p[0], p[1]) for p in raw_headers]
+    else:
+        raise ValueError("answer.headers must be an object or a list of [name, value] pairs")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
+        raise ValueError("answer.headers names and values must be strings")
+    if "body" in document and "body_base64" in document:
+        raise ValueError("give answer.body or answer.body_base64, not both")
+    if "body_base64" in document:
+        try:
+            body = base64.b64decode(str(document["body_base64"]), validate=True)
+        except ValueError as exc:
+            raise ValueError(f"answer.body_base64 is not base64: {exc}") from None
+    else:
+        text = document.get("body", "")
+        if not isinstance(text, str):
+            raise ValueError("answer.body must be a string (or use body_base64)")
+        body = text.encode()
+    return StoredResponse(status=status, headers=tuple(pairs), body=body)
+
+
+def resolution(document: object) -> StoredResponse | None:
+    """``{"failed": true}`` -> None (free the key); ``{"answer": {...}}`` -> that answer."""
+    if isinstance(document, dict) and set(document) == {"failed"} and document["failed"] is True:
+        return None
+    if isinstance(document, dict) and set(document) == {"answer"}:
+        return parse_answer(document["answer"])
+    raise ValueError('give {"failed": true} or {"answer": {"status", "headers", "body"}}')
