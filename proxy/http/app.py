@@ -18,7 +18,7 @@ from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import add_traceresponse, error_middleware
 from proxy.http.routes import handle_tool
 from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
-from proxy.mcp.cancels import MCP_CANCELS, Cancellations
+from proxy.mcp.inflight import MCP_IN_FLIGHT, McpInFlight
 from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
@@ -42,7 +42,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
     app[CONFIG] = config
     app[METRICS] = metrics
     app[MCP_CATALOG] = ToolCatalog()
-    app[MCP_CANCELS] = Cancellations()
+    app[MCP_IN_FLIGHT] = McpInFlight()
     if tracer_provider is not None:
         app[PROVIDER] = tracer_provider
     app.cleanup_ctx.append(_backends)

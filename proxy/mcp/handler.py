@@ -32,7 +32,7 @@ from proxy.ingress.reply import AgentStream
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
-from proxy.mcp.cancels import cancellations
+from proxy.mcp.inflight import in_flight, settle_on_response
 from proxy.mcp.relay import (
     SKIP_AUTO_HEADERS,
     bare_call,
@@ -78,7 +78,7 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
     for message in parsed.messages:
         if message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
-            cancellations(request).note(ident.tool_name, ident.agent_id, session, request_id)
+            in_flight(request).note_cancel(ident.tool_name, ident.agent_id, session, request_id)
     for message in parsed.requests:
         if message.method == "tools/list" and message.id is not None:
             catalog(request).expect_list(ident.tool_name, session, message.id)
@@ -222,15 +222,17 @@ class McpReply:
                     # record is complete, even if the agent hangs up on the rest.
                     tee(call, event.data.encode(), keep)
                     found = call.delivered = True
-                    _settle_on(call, message)
+                    settle_on_response(call, message)
             await agent.write(chunk)
         if not found:
             # The stream ended without the call's response: it may have run.
             call.outcome = Outcome.UNKNOWN
-            cancelled = cancellations(self.request).seen(call, self.request_id)
-            call.unknown_reason = (
-                UnknownReason.CANCELLED if cancelled else UnknownReason.NO_RESPONSE
-            )
+            calls = in_flight(self.request)
+            if calls.was_cancelled(call, self.request_id):
+                call.unknown_reason = UnknownReason.CANCELLED
+            else:
+                call.unknown_reason = UnknownReason.NO_RESPONSE
+                calls.expect_answer(call, self.request_id)
         await agent.finish()
 
     def _settle_on_json(self, call: Call, status: int, body: bytes) -> None:
@@ -245,22 +247,11 @@ class McpReply:
         except ValueError:
             message = None
         if _answers(message, self.request_id):
-            _settle_on(call, message)
+            settle_on_response(call, message)
         elif isinstance(message, dict) and "error" in message and message.get("id") is None:
             call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
         else:
             call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
-
-
-def _settle_on(call: Call, message: dict[str, Any]) -> None:
-    kind = jsonrpc.response_kind(message)
-    if kind is jsonrpc.ResponseKind.REFUSED:
-        call.outcome = Outcome.NOT_RUN
-    elif kind is jsonrpc.ResponseKind.INTERIM:
-        call.outcome = Outcome.INTERIM
-    else:
-        call.outcome = Outcome.ANSWERED
-        call.server_error = kind is jsonrpc.ResponseKind.FAILED
 
 
 def _answers(obj: Any, request_id: Any) -> bool:

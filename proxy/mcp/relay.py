@@ -22,9 +22,11 @@ from multidict import CIMultiDict
 from proxy.call import Call, McpCall, RunCounters, StoredResponse, Upstream
 from proxy.deps import Deps
 from proxy.errors import HandrailError, UpstreamTimeout, UpstreamUnavailable
+from proxy.idempotency import settle_key
 from proxy.ingress.request import Identity, new_call
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import catalog
+from proxy.mcp.inflight import in_flight, settle_on_response
 from proxy.mcp.render import json_response, render_error
 from proxy.policy.input import policy_input
 from proxy.upstream import response_headers, upstream_headers, upstream_url
@@ -105,6 +107,22 @@ class ListFilter:
         self.ident.span.set_attribute("handrail.mcp.tools.hidden", len(tools) - len(shown))
         return {**obj, "result": {**result, "tools": shown}}
 
+    def late_answer(self, message: Any, data: str) -> None:
+        """A tools/call response arriving on a resumed stream settles that call's key."""
+        if not isinstance(message, dict) or "method" in message or "id" not in message:
+            return
+        pending = in_flight(self.request).answered(
+            self.ident.tool_name, self.session, message["id"]
+        )
+        if pending is None:
+            return
+        call = pending.call
+        call.captured_body = bytearray(data.encode())
+        call.body_overflow = len(call.captured_body) > call.tool.idempotency.max_stored_bytes
+        call.status, call.delivered = 200, True
+        settle_on_response(call, message)
+        self.deps.background.spawn(settle_key(call, self.deps))
+
     async def visible(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = bare_call(self.request, self.ident, b"", self.session)
         redact = self.deps.config.tracing.capture.redact
@@ -128,7 +146,9 @@ class ListFilter:
         return [tool for tool, ok in zip(tools, shown, strict=True) if ok]
 
     async def event(self, event: jsonrpc.SseEvent) -> bytes:
-        rewritten = await self.message(jsonrpc.event_message(event))
+        message = jsonrpc.event_message(event)
+        self.late_answer(message, event.data)
+        rewritten = await self.message(message)
         if rewritten is None:
             return event.raw
         data = jsonrpc.dumps(rewritten).decode()

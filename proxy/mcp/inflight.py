@@ -1,0 +1,88 @@
+"""What the proxy remembers of MCP tools/calls past their own stream, per app.
+
+- ``notifications/cancelled`` seen on the way: a tools/call whose stream then ends without a
+  response is settled as ``cancelled`` (still unknown: a cancelled tool may have done its
+  work before the cancel reached it).
+- Calls whose stream ended without their response (2025 revisions resume a broken stream
+  on the session's GET stream, ``Last-Event-ID``): when the response comes by that way,
+  the key is settled with it, so the retry is replayed instead of refused.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.call import Call, Outcome
+from proxy.mcp import jsonrpc
+
+MAX_REMEMBERED = 4096
+
+Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """A keyed call whose answer may still come on the session's GET stream."""
+
+    key: str
+    owner: str
+    call: Call
+
+
+class McpInFlight:
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self._cancelled: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
+        self._unanswered: OrderedDict[Key, Unanswered] = OrderedDict()
+        self._limit = limit
+
+    def note_cancel(self, tool: str, agent: str, session: str | None, request_id: Any) -> None:
+        self._cancelled[(tool, agent, session or "", repr(request_id))] = None
+        _bound(self._cancelled, self._limit)
+
+    def was_cancelled(self, call: Call, request_id: Any) -> bool:
+        session = call.mcp.session_id if call.mcp is not None else None
+        key = (call.tool_name, call.agent_id, session or "", repr(request_id))
+        return self._cancelled.pop(key, 0) is None
+
+    def expect_answer(self, call: Call, request_id: Any) -> None:
+        """The call's stream ended without its response; it may come on the GET stream."""
+        session = call.mcp.session_id if call.mcp is not None else None
+        claim = call.claim
+        if not session or claim is None or not claim.owner or call.idempotency_key is None:
+            return
+        entry = Unanswered(call.idempotency_key, claim.owner, call)
+        self._unanswered[(call.tool_name, session, repr(request_id))] = entry
+        _bound(self._unanswered, self._limit)
+
+    def answered(self, tool: str, session: str | None, request_id: Any) -> Unanswered | None:
+        if not session or not self._unanswered:
+            return None
+        return self._unanswered.pop((tool, session, repr(request_id)), None)
+
+
+def _bound(entries: OrderedDict[Any, Any], limit: int) -> None:
+    while len(entries) > limit:
+        entries.popitem(last=False)
+
+
+MCP_IN_FLIGHT = web.AppKey("mcp_in_flight", McpInFlight)
+
+
+def in_flight(request: web.Request) -> McpInFlight:
+    return request.app[MCP_IN_FLIGHT]
+
+
+def settle_on_response(call: Call, message: dict[str, Any]) -> None:
+    """What a tools/call's JSON-RPC response says of the tool, for settling its key."""
+    kind = jsonrpc.response_kind(message)
+    if kind is jsonrpc.ResponseKind.REFUSED:
+        call.outcome = Outcome.NOT_RUN
+    elif kind is jsonrpc.ResponseKind.INTERIM:
+        call.outcome = Outcome.INTERIM
+    else:
+        call.outcome = Outcome.ANSWERED
+        call.server_error = kind is jsonrpc.ResponseKind.FAILED
