@@ -42,7 +42,7 @@ _CHUNK = 64 * 1024
 
 
 def upstream_url(base: str, rest: str, query_string: str) -> URL:
-    """``{upstream}{rest}?{query}``; ``rest`` has passed ``safe_rest_path``."""
+    """``{upstream}{rest}?{query}``; ``rest`` is canonical (``ingress.canonical``)."""
     url = base + rest
     if query_string:
         url += "?" + query_string

@@ -13,6 +13,7 @@ from proxy import pipeline
 from proxy.call import Call, Outcome, StoredResponse, Upstream
 from proxy.errors import HandrailError, UnknownTool
 from proxy.http.keys import DEPS, TRACE_IDS, TraceIds
+from proxy.ingress import canonical
 from proxy.ingress.reply import AgentStream
 from proxy.ingress.request import (
     capture_limit,
@@ -20,7 +21,6 @@ from proxy.ingress.request import (
     keep_limit,
     mcp_meta_parent,
     new_call,
-    parse_json_body,
     read_body,
     tee,
 )
@@ -97,7 +97,11 @@ async def handle_tool(request: web.Request) -> web.StreamResponse:
         if tool.kind == "mcp":
             return await handle_mcp(request, deps, ident)
         body = await read_body(request, tool.max_body_bytes)
-        json_body = parse_json_body(request.headers.get("Content-Type", ""), body)
+        json_body = canonical.json_body(
+            request.headers.get("Content-Type", ""),
+            request.headers.get("Content-Encoding", ""),
+            body,
+        )
         reply = HttpReply(request, capture_limit(deps.config))
         call = new_call(request, ident, body=body, json_body=json_body, reply=reply)
         try:

@@ -7,7 +7,6 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 from aiohttp import web
 from opentelemetry import baggage
@@ -18,11 +17,14 @@ from opentelemetry.trace import Span
 from proxy.call import Call, McpCall, Reply
 from proxy.config import Config, ToolConfig
 from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.ingress.canonical import canonical_path
 from proxy.store.keys import parse_key_header
 
 logger = logging.getLogger(__name__)
 
 _MAX_ID_LENGTH = 256
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+"""Headers some frameworks read as the real method: the policy would decide another one."""
 
 BODY = web.RequestKey("body", bytes)
 """A body read before the call's span started (MCP ``_meta`` trace context)."""
@@ -55,34 +57,12 @@ def _id_header(request: web.Request, name: str) -> str | None:
     return value
 
 
-def safe_rest_path(raw: str) -> str:
-    """Check the raw (still percent-encoded) path below ``/tools/{tool}``.
-
-    It must stay under the tool's base URL: no ``.``/``..`` segments (also encoded),
-    no encoded slashes or backslashes, no ``//`` that could read as a host.
-    """
-    if not raw:
-        return "/"
-    if not raw.startswith("/"):
-        raise BadRequest("the tool path must start with '/'")
-    lowered = raw.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
-        raise BadRequest("encoded slashes and backslashes are not allowed in a tool path")
-    if "//" in raw:
-        raise BadRequest("empty path segments ('//') are not allowed in a tool path")
-    for segment in raw.split("/"):
-        decoded = unquote(segment)
-        if decoded in (".", "..") or "\x00" in decoded:
-            raise BadRequest(f"path segment {segment!r} is not allowed in a tool path")
-    return raw
-
-
 def _raw_rest(request: web.Request, tool_name: str) -> str:
     raw_path = request.raw_path.split("?", 1)[0]
     prefix = f"/tools/{tool_name}"
     if not raw_path.startswith(prefix) or raw_path[len(prefix) : len(prefix) + 1] not in ("", "/"):
         raise BadRequest("the request path does not name the tool plainly")
-    return safe_rest_path(raw_path[len(prefix) :])
+    return canonical_path(raw_path[len(prefix) :])
 
 
 def _query_string(request: web.Request) -> str:
@@ -129,25 +109,6 @@ async def mcp_meta_parent(request: web.Request, tool: ToolConfig, parent: Contex
         return parent
     carrier = {k: meta[k] for k in ("traceparent", "tracestate") if isinstance(meta.get(k), str)}
     return extract(carrier, context=parent)
-
-
-def parse_json_body(content_type: str, body: bytes) -> Any:
-    """The body as JSON for the policy, or ``None`` when it is empty or not JSON.
-
-    A body that says it is JSON must parse: the policy decides on what it reads, so a
-    malformed one is refused (400) rather than passed on unseen.
-    """
-    if not body:
-        return None
-    declared = "json" in content_type.lower()
-    if not declared and body[:1] not in (b"{", b"["):
-        return None
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        if declared:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        return None
 
 
 def new_call(
@@ -213,6 +174,12 @@ def identify(
         key = parse_key_header(key_header) if key_header is not None else None
     except ValueError as exc:
         raise BadRequest(f"header Idempotency-Key {exc}") from None
+    for name in METHOD_OVERRIDES:
+        if name in request.headers:
+            raise BadRequest(
+                f"header {name} is refused: send the method itself, so that the policy "
+                "decides the method the tool will run"
+            )
     run_hint = _id_header(request, "X-Run-Id")
     if run_hint is None:
         run_baggage = baggage.get_baggage("run.id", parent)

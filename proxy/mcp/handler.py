@@ -243,7 +243,7 @@ class McpReply:
             call.outcome = Outcome.ANSWERED
             return
         try:
-            message = jsonrpc.loads(body)
+            message = jsonrpc.loads_answer(body)
         except ValueError:
             message = None
         if _answers(message, self.request_id):
@@ -328,7 +328,7 @@ async def _list_tools(
                 )
                 return None
             answer = jsonrpc.response_in(raw, content_type, request_id) if status == 200 else None
-            result = jsonrpc.loads(answer).get("result") if answer else None
+            result = jsonrpc.loads_answer(answer).get("result") if answer else None
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
                 logger.warning(
                     "tools/list of %s gave no usable answer (HTTP %d)",

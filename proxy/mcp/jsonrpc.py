@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from proxy.ingress.canonical import strict_loads
+
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
@@ -84,12 +86,18 @@ class JsonRpcError(Exception):
         return error_message(self.request_id, self.code, self.message)
 
 
+def loads(data: bytes | str) -> Any:
+    """Strict JSON (no NaN/Infinity, no duplicate members, bounded nesting): a message
+    the proxy decides must read the same to the server; raises ValueError."""
+    return strict_loads(data)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def loads(data: bytes | str) -> Any:
-    """Strict JSON (no NaN/Infinity); raises ValueError."""
+def loads_answer(data: bytes | str) -> Any:
+    """A server's message: read as it is (no NaN/Infinity), to be rewritten or kept."""
     return json.loads(data, parse_constant=_reject_constant)
 
 
@@ -352,7 +360,7 @@ def event_message(event: SseEvent) -> Any:
     if not event.has_data or event.event != "message" or not event.data:
         return None
     try:
-        return loads(event.data)
+        return loads_answer(event.data)
     except ValueError:
         return None
 
@@ -368,7 +376,7 @@ def response_in(body: bytes, content_type: str, request_id: RequestId | None) ->
                 return event.data.encode()
         return None
     try:
-        obj = loads(body)
+        obj = loads_answer(body)
     except ValueError:
         return None
     return body if _answers(obj, request_id) else None

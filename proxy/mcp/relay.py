@@ -208,7 +208,7 @@ async def _forward(
         if "json" in content_type and upstream.status == 200 and request.method == "POST":
             raw = await _read_limited(upstream)
             try:
-                rewritten = await lists.message(jsonrpc.loads(raw))
+                rewritten = await lists.message(jsonrpc.loads_answer(raw))
             except ValueError:
                 rewritten = None
             if rewritten is not None:
