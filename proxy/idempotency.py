@@ -66,12 +66,20 @@ UNKNOWN_WHY = {
 
 def prepare_key(call: Call) -> None:
     """Fingerprint the payload; take, derive or demand the idempotency key."""
+    content_type = ""
     if call.mcp is not None:
         payload = canonical_json({"name": call.mcp.name, "arguments": call.mcp.arguments})
     else:
         payload = canonical_payload(call.json_body, call.body)
+        content_type = next((v for k, v in call.headers if k.lower() == "content-type"), "")
     call.fingerprint = fingerprint_payload(
-        call.tool_name, call.method, call.path, call.query_string, payload
+        call.tool_name,
+        call.method,
+        call.path,
+        call.query_string,
+        payload,
+        agent=call.agent_id,
+        content_type=content_type.strip(),
     )
     mode = call.tool.idempotency.mode
     if mode == "off" or not call.unsafe or _exempt_read_only(call):

@@ -439,6 +439,39 @@ async def test_attach_mode_does_not_merge_two_agents(
     assert seen.count() == 2
 
 
+@pytest.mark.parametrize("other", ["support-bot", "SALES-BOT", ""])
+async def test_one_agents_key_never_replays_another_agents_answer(
+    tool: ToolFixture, make_proxy: ProxyFactory, other: str
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(api(server)))
+    first = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers={**RUN, **KEY})
+    theirs = {**RUN, **KEY, "X-Agent-Id": other} if other else {**KEY, "X-Run-Id": "r-1"}
+    stolen = await ask(proxy, "POST", "/tools/crm/contacts", body=PAYLOAD, headers=theirs)
+
+    assert first.status == 200
+    assert stolen.status == 422 and not stolen.replayed
+    assert stolen.error_code == "idempotency_key_reused"
+    assert first.body not in stolen.body
+    assert seen.count() == 1
+
+
+async def test_the_same_key_with_another_content_type_is_a_reuse(
+    tool: ToolFixture, make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(crm(api(server)))
+    body = b"a=1&b=2"
+    form = {**RUN, **KEY, "Content-Type": "application/x-www-form-urlencoded"}
+    first = await ask(proxy, "POST", "/tools/crm/contacts", data=body, headers=form)
+    other = {**form, "Content-Type": "text/csv"}
+    again = await ask(proxy, "POST", "/tools/crm/contacts", data=body, headers=other)
+
+    assert first.status == 200
+    assert again.status == 422 and again.error_code == "idempotency_key_reused"
+    assert seen.count() == 1
+
+
 async def test_attach_mode_forwards_the_derived_key_upstream(
     tool: ToolFixture, make_proxy: ProxyFactory
 ) -> None:

@@ -35,9 +35,22 @@ def _digest(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def fingerprint_payload(tool: str, method: str, path: str, query: str, payload: bytes) -> str:
-    """What a key is bound to: the same key with another fingerprint is a reuse (422)."""
-    return _digest(tool, method.upper(), path, query, payload)
+def fingerprint_payload(
+    tool: str,
+    method: str,
+    path: str,
+    query: str,
+    payload: bytes,
+    *,
+    agent: str = "",
+    content_type: str = "",
+) -> str:
+    """What a key is bound to: the same key with another fingerprint is a reuse (422).
+
+    The agent is part of it, so one agent's key never replays another agent's answer
+    (their calls differ: 422), and so is the Content-Type, which changes what a body means.
+    """
+    return _digest(tool, method.upper(), path, query, payload, agent, content_type.lower())
 
 
 def derive_key(agent_id: str, run_id: str, fingerprint: str) -> str:
