@@ -8,12 +8,13 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY policies ./policies
 RUN pip install . \
-    && useradd --system --uid 10001 --home-dir /var/lib/handrail --create-home handrail \
+    && groupadd --system --gid 10001 handrail \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/handrail --create-home handrail \
     && mkdir -p /etc/handrail \
     && cp -r policies /etc/handrail/policies
 COPY deploy/handrail.yaml /etc/handrail/handrail.yaml
 
-USER handrail
+USER 10001:10001
 WORKDIR /var/lib/handrail
 EXPOSE 8787 8788
 HEALTHCHECK --interval=10s --timeout=3s \

@@ -15,7 +15,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.errors import ConfigError
 
@@ -29,20 +36,37 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class ListenConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
+    agent_id: str | None = None
+    """Bind the sidecar's one agent: every call is this agent's, whatever X-Agent-Id says."""
 
 
 class AdminConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8788, ge=0, le=65535)
     token: str | None = None
+    """Bearer token for everything but the probes (/healthz, /readyz); required on a
+    non-loopback host."""
 
     @field_validator("token")
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminConfig:
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"the admin plane on {self.host!r} (not loopback) needs admin.token: it serves "
+                "captured calls and policy reloads"
+            )
+        return self
 
 
 class IdempotencyConfig(_Model):

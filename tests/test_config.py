@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config
+from proxy.config import load_config, parse_config
+from proxy.errors import ConfigError
 
 
 def handrail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,3 +86,15 @@ def test_relative_policy_path_is_relative_to_the_config_file(tmp_path: Path) -> 
 def test_usage_error_exits_2() -> None:
     result = handrail("calls", "--limit", "lots")
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.7", "::"])
+def test_an_admin_plane_off_loopback_needs_a_token(host: str) -> None:
+    with pytest.raises(ConfigError, match="admin"):
+        parse_config({"admin": {"host": host}})
+    assert parse_config({"admin": {"host": host, "token": "t"}}).admin.token == "t"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_an_admin_plane_on_loopback_may_go_without_a_token(host: str) -> None:
+    assert parse_config({"admin": {"host": host}}).admin.token is None

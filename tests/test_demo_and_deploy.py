@@ -9,8 +9,11 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import free_port
 
@@ -83,6 +86,8 @@ def test_dockerfile_command_serves_the_shipped_sidecar_config(tmp_path: Path) ->
         "HANDRAIL_HOST": "127.0.0.1",
         "HANDRAIL_ADMIN_HOST": "127.0.0.1",
         "HANDRAIL_STORE_URL": f"sqlite:///{tmp_path}/h.db",
+        "HANDRAIL_ADMIN_TOKEN": "s3cret",
+        "CRM_TOKEN": "crm-token",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", *args],
@@ -96,6 +101,7 @@ def test_dockerfile_command_serves_the_shipped_sidecar_config(tmp_path: Path) ->
         deadline = time.monotonic() + 30
         while True:
             try:
+                # The probe carries no token, as a kubelet's does.
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as resp:
                     assert resp.status == 200
                     break
@@ -103,9 +109,36 @@ def test_dockerfile_command_serves_the_shipped_sidecar_config(tmp_path: Path) ->
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
                 assert time.monotonic() < deadline, "the sidecar did not become ready"
                 time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/calls", timeout=5)
+        assert refused.value.code == 401
+        authorized = urllib.request.Request(
+            f"http://127.0.0.1:{admin}/calls", headers={"Authorization": "Bearer s3cret"}
+        )
+        with urllib.request.urlopen(authorized, timeout=5) as resp:
+            assert resp.status == 200
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"listening on http://127.0.0.1:{port}" in out
     assert "engine: embedded" in out and "store: sqlite" in out, shlex.quote(out)
+
+
+@pytest.mark.parametrize("missing", ["HANDRAIL_ADMIN_TOKEN", "CRM_TOKEN"])
+def test_the_sidecar_config_refuses_to_start_without_its_secrets(
+    tmp_path: Path, missing: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HANDRAIL_ADMIN_TOKEN", "CRM_TOKEN")}
+    env.update({"HANDRAIL_ADMIN_TOKEN": "s3cret", "CRM_TOKEN": "crm-token"})
+    del env[missing]
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "-c", str(ROOT / "deploy" / "handrail.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert missing in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,8 @@
 """The admin plane: health, readiness, metrics, the journal, unknown keys and policy reloads.
 
 It runs on its own listener beside the data plane and reads the data app's backends.
-A configured token is required as ``Authorization: Bearer <token>`` (constant-time compare).
+A configured token is required as ``Authorization: Bearer <token>`` (constant-time compare),
+except on the probes (``/healthz``, ``/readyz``).
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ class NotUnknown(HandrailError):
     status, code = 409, "not_unknown"
 
 
+PROBES = frozenset({"/healthz", "/readyz"})
+"""Open without the token: a kubelet's probe carries none, and they reveal no call data."""
+
+
 def _bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz":
+        if request.path not in PROBES:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 raise Unauthorized("a valid admin bearer token is required")

@@ -93,7 +93,7 @@ async def handle_tool(request: web.Request) -> web.StreamResponse:
         if tool is None:
             span.set_attribute("handrail.error.code", UnknownTool.code)
             raise UnknownTool(f"no tool named {tool_name!r} is configured")
-        ident = identify(request, tool_name, tool, span, parent)
+        ident = identify(request, tool_name, tool, span, parent, deps.config.listen.agent_id)
         if tool.kind == "mcp":
             return await handle_mcp(request, deps, ident)
         body = await read_body(request, tool.max_body_bytes)

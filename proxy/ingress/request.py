@@ -166,8 +166,15 @@ def tee(call: Call, chunk: bytes, keep: int) -> None:
 
 
 def identify(
-    request: web.Request, tool_name: str, tool: ToolConfig, span: Span, parent: Context
+    request: web.Request,
+    tool_name: str,
+    tool: ToolConfig,
+    span: Span,
+    parent: Context,
+    agent_id: str | None = None,
 ) -> Identity:
+    """Who calls which tool; ``agent_id`` (``listen.agent_id``) binds the agent, else
+    ``X-Agent-Id`` names it."""
     ctx = span.get_span_context()
     key_header = request.headers.get("Idempotency-Key")
     try:
@@ -189,7 +196,7 @@ def identify(
         tool=tool,
         rest=_raw_rest(request, tool_name),
         query_string=_query_string(request),
-        agent_id=_id_header(request, "X-Agent-Id") or "",
+        agent_id=agent_id if agent_id is not None else _id_header(request, "X-Agent-Id") or "",
         run_id_hint=run_hint,
         idempotency_key=key,
         trace_id=format(ctx.trace_id, "032x"),
