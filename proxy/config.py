@@ -45,6 +45,18 @@ class ListenConfig(_Model):
     port: int = Field(8787, ge=0, le=65535)
     agent_id: str | None = None
     """Bind the sidecar's one agent: every call is this agent's, whatever X-Agent-Id says."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host names (or ``name:port``) the data plane answers to, and the hosts an ``Origin``
+    may name, against DNS rebinding; default: loopback names and ``host`` itself. ``*``
+    allows any (only behind something that checks them)."""
+
+    def hosts(self) -> frozenset[str]:
+        if self.allowed_hosts is not None:
+            return frozenset(h.lower() for h in self.allowed_hosts)
+        own = {"127.0.0.1", "localhost", "::1"}
+        if self.host not in ("0.0.0.0", "::", ""):
+            own.add(self.host.lower())
+        return frozenset(own)
 
 
 class AdminConfig(_Model):

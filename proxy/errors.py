@@ -4,12 +4,14 @@
     ├── ConfigError                    bad handrail.yaml or environment (CLI exit 2)
     ├── BadRequest                     400 bad_request
     ├── IdempotencyKeyMissing          400 idempotency_key_missing
+    ├── OriginNotAllowed               403 origin_not_allowed
     ├── PolicyDenied                   403 policy_denied
     ├── ApprovalPending                403 approval_pending
     ├── UnknownTool                    404 unknown_tool
     ├── IdempotencyKeyInUse            409 idempotency_key_in_use
     ├── OutcomeUnknown                 409 outcome_unknown
     ├── PayloadTooLarge                413 payload_too_large
+    ├── MisdirectedRequest             421 misdirected_request
     ├── IdempotencyKeyReused           422 idempotency_key_reused
     ├── ResponseNotReplayable          409 response_not_replayable
     ├── UpstreamUnavailable            502 upstream_unavailable
@@ -57,6 +59,18 @@ class BadRequest(HandrailError):
 
 class IdempotencyKeyMissing(HandrailError):
     status, code = 400, "idempotency_key_missing"
+
+
+class OriginNotAllowed(HandrailError):
+    """A browser page from another site is calling (DNS rebinding, cross-site requests)."""
+
+    status, code = 403, "origin_not_allowed"
+
+
+class MisdirectedRequest(HandrailError):
+    """The Host is not one this proxy answers to (DNS rebinding)."""
+
+    status, code = 421, "misdirected_request"
 
 
 class PolicyDenied(HandrailError):

@@ -225,7 +225,7 @@ async def test_path_cannot_escape_the_tools_base_url(
 async def raw_request(proxy, request_line: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     """Send a request line exactly as given: HTTP clients would normalise these paths."""
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(f"{request_line}\r\nHost: proxy\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"{request_line}\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     data = await reader.read()
     writer.close()

@@ -15,7 +15,7 @@ from proxy.config import Config
 from proxy.deps import Deps
 from proxy.http.admin import build_admin_app
 from proxy.http.keys import CONFIG, DEPS, METRICS
-from proxy.http.middleware import add_traceresponse, error_middleware
+from proxy.http.middleware import add_traceresponse, error_middleware, host_guard
 from proxy.http.routes import handle_tool
 from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
 from proxy.mcp.inflight import MCP_IN_FLIGHT, McpInFlight
@@ -37,7 +37,10 @@ __all__ = ["build_admin_app", "build_app"]
 def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) -> web.Application:
     """The agent-facing app. Backends open in ``cleanup_ctx`` and live under ``DEPS``."""
     largest = max((t.max_body_bytes for t in config.tools.values()), default=1 << 20)
-    app = web.Application(middlewares=[error_middleware], client_max_size=largest + 1)
+    app = web.Application(
+        middlewares=[error_middleware, host_guard(config.listen.hosts())],
+        client_max_size=largest + 1,
+    )
     metrics = Metrics()
     app[CONFIG] = config
     app[METRICS] = metrics

@@ -8,7 +8,7 @@ import secrets
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import HandrailError
+from proxy.errors import HandrailError, MisdirectedRequest, OriginNotAllowed
 from proxy.http.keys import METRICS, TRACE_IDS, TraceIds
 
 logger = logging.getLogger(__name__)
@@ -66,3 +66,42 @@ async def add_traceresponse(request: web.Request, response: web.StreamResponse) 
     """W3C Trace Context Level 2: every answer names the trace it was recorded under."""
     ids = trace_ids(request)
     response.headers["traceresponse"] = f"00-{ids.trace_id}-{ids.span_id}-{ids.flags:02x}"
+
+
+def _host_name(value: str) -> tuple[str, str]:
+    """``name`` and ``name:port`` of a Host value (IPv6 in brackets), lower-cased."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name, f"{name}{rest}"
+    name, _, _ = value.partition(":")
+    return name, value
+
+
+def host_guard(allowed: frozenset[str]) -> web.middleware:  # type: ignore[valid-type]
+    """Answer only to our own Host names and Origins, as an MCP server must against DNS
+    rebinding: the tool behind us only ever sees Handrail's Host, so it cannot check."""
+    any_host = "*" in allowed
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not any_host:
+            name, full = _host_name(request.headers.get("Host", ""))
+            if name not in allowed and full not in allowed:
+                raise MisdirectedRequest(
+                    f"Host {request.headers.get('Host', '')!r} is not one this proxy answers "
+                    "to (listen.allowed_hosts)"
+                )
+            origin = request.headers.get("Origin")
+            if origin is not None and origin != "null":
+                authority = origin.partition("://")[2]
+                o_name, o_full = _host_name(authority)
+                if o_name not in allowed and o_full not in allowed:
+                    raise OriginNotAllowed(
+                        f"Origin {origin!r} may not call this proxy (listen.allowed_hosts)"
+                    )
+            elif origin == "null":
+                raise OriginNotAllowed("an opaque Origin ('null') may not call this proxy")
+        return await handler(request)
+
+    return guard
