@@ -59,9 +59,11 @@ async def run(call: Call, deps: Deps) -> None:
         try:
             if call.upstream is not None:
                 call.upstream.release()
-            await asyncio.shield(settle_key(call, deps))
         finally:
+            # Journaled before the key is settled: a crash during the settle must not
+            # leave an answered call looking interrupted.
             record_after_answer(call, deps)
+            await asyncio.shield(settle_key(call, deps))
 
 
 @contextmanager

@@ -79,6 +79,9 @@ class ProxyProcess:
 def write_config(path: Path, raw: dict[str, Any]) -> Path:
     """A handrail.yaml (JSON is YAML) that listens on ports the OS picks."""
     config = {"listen": {"port": 0}, "admin": {"port": 0}, "tracing": {"exporter": "none"}, **raw}
+    # The journal's write-ahead spool beside the config, not in the working directory.
+    tracing = config["tracing"] = dict(config["tracing"])
+    tracing["journal"] = {"spool_dir": str(path.parent / "spool"), **tracing.get("journal", {})}
     path.write_text(json.dumps(config))
     return path
 

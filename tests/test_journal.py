@@ -72,9 +72,12 @@ def pg_prefix() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+async def store_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/handrail.db"
+    monkeypatch.chdir(tmp_path)  # the default spool, .handrail/journal-spool, goes there
     prefix = request.getfixturevalue("pg_prefix")
     schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
     await _pg(f"CREATE SCHEMA {schema}")
@@ -238,13 +241,32 @@ async def test_retention_runs_in_the_background(store_url: str) -> None:
         await journal.close()
 
 
-async def test_a_full_queue_drops_calls_and_counts_them(store_url: str) -> None:
+async def test_a_full_queue_leaves_calls_in_the_spool_until_the_database_catches_up(
+    store_url: str,
+) -> None:
     metrics = Metrics()
     journal = journal_from_config(config_for(store_url), metrics)
-    journal._queue = asyncio.Queue(maxsize=5)
+    journal._queue_size = 5
     await journal.open()
     try:
-        for _ in range(8):  # no await in between: the writer cannot drain meanwhile
+        for i in range(8):  # no await in between: the writer cannot drain meanwhile
+            journal.append(_call(path=f"/c/{i}"))
+        await journal.flush()
+        rows = await journal.query(CallQuery())
+        assert sorted(r["path"] for r in rows) == [f"/c/{i}" for i in range(8)]
+        assert dropped(metrics, "journal") == 0
+        assert metrics.registry.get_sample_value("handrail_journal_recovered_total") == 3
+    finally:
+        await journal.close()
+
+
+async def test_a_full_queue_without_a_spool_drops_calls_and_counts_them() -> None:
+    metrics = Metrics()
+    journal = journal_from_config(config_for("sqlite:///:memory:"), metrics)
+    journal._queue_size = 5
+    await journal.open()
+    try:
+        for _ in range(8):
             journal.append(_call())
         assert dropped(metrics, "journal") == 3
         await journal.flush()
@@ -288,7 +310,7 @@ async def test_sqlite_journal_lives_in_its_own_file_beside_the_store(tmp_path: P
         versions = dict(db.execute("SELECT component, version FROM handrail_schema").fetchall())
         rows = db.execute("SELECT count(*) FROM handrail_journal").fetchone()[0]
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert (versions, rows, mode) == ({"journal": 1}, 1, "wal")
+    assert (versions, rows, mode) == ({"journal": 2}, 1, "wal")
     assert not store_file.exists()
 
 
@@ -337,7 +359,7 @@ async def test_postgres_schema_version_is_recorded_beside_the_stores(pg_prefix: 
         rows = await conn.fetch("SELECT component, version FROM handrail_schema")
     finally:
         await conn.close()
-    assert {r["component"]: r["version"] for r in rows} == {"store": 7, "journal": 1}
+    assert {r["component"]: r["version"] for r in rows} == {"store": 7, "journal": 2}
 
 
 # -- handrail calls ---------------------------------------------------------------------------

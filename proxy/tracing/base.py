@@ -1,11 +1,61 @@
-"""The local journal seam: every call is written down, whatever the OTLP exporter does."""
+"""The local journal seams: every call is written down, whatever the OTLP exporter does.
+
+``Journal`` is what the pipeline sees; ``JournalDb`` is one database driver's part of it
+(``journal_sqlite``, ``journal_postgres``); the row they share is built here (pure).
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from proxy.call import Call
+from proxy.config import CaptureConfig
+from proxy.tracing.attributes import captured, final_status, redactor_for
+
+COMPONENT = "journal"
+TABLE = "handrail_journal"
+META_TABLE = "handrail_journal_meta"
+"""One row: the journal's random id, which the write-ahead spool's files name."""
+
+COLUMNS: tuple[str, ...] = (
+    "time",
+    "tool",
+    "kind",
+    "agent",
+    "run_id",
+    "trace_id",
+    "span_id",
+    "method",
+    "path",
+    "query",
+    "call_name",
+    "decision",
+    "reasons",
+    "decision_id",
+    "idempotency_key",
+    "fingerprint",
+    "replayed",
+    "status",
+    "error_code",
+    "total_ms",
+    "policy_ms",
+    "upstream_ms",
+    "input",
+    "output",
+)
+"""The row's columns in order; ``id`` (insertion order) is added by the database."""
+
+INSERT_COLUMNS: tuple[str, ...] = ("uid", *COLUMNS)
+"""What ``JournalDb.insert`` gets: the row's unique id (its spool entry's), then ``COLUMNS``."""
+
+Row = tuple[Any, ...]
+
+INTERRUPTED = "interrupted"
+"""The error code of a call whose proxy died before it ended (recovered from its begin)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +66,21 @@ class CallQuery:
     since: float | None = None
     """Unix seconds."""
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A query's filters, in ``COLUMNS`` terms, for the backends to render."""
+
+    run_id: str | None
+    tool: str | None
+    decision: str | None
+    since: float | None
+    limit: int
+
+    @classmethod
+    def of(cls, query: CallQuery) -> Where:
+        return cls(query.run_id, query.tool, query.decision, query.since, max(1, query.limit))
 
 
 class Journal(Protocol):
@@ -34,3 +99,133 @@ class Journal(Protocol):
 
     async def query(self, query: CallQuery) -> list[dict[str, Any]]:
         """Recorded calls, newest first, as JSON-ready dicts."""
+
+
+class JournalDb(Protocol):
+    """One database driver's part: schema, batched insert, query, retention."""
+
+    async def open(self, *, create: bool) -> bool:
+        """Connect (and with ``create``, make or migrate the schema); false: nothing there."""
+
+    async def close(self) -> None: ...
+
+    async def identity(self) -> str:
+        """The journal's id (``META_TABLE``): spool files are only replayed into their own."""
+
+    async def insert(self, rows: Sequence[Row]) -> None:
+        """Insert ``INSERT_COLUMNS`` rows in one transaction; a ``uid`` already there is skipped."""
+
+    def refuses(self, exc: BaseException) -> bool:
+        """True when ``exc`` says the rows themselves are refused: retrying cannot help."""
+
+    async def select(self, where: Where) -> list[dict[str, Any]]:
+        """Rows matching ``where``, newest first, as ``row_dict`` gives them."""
+
+    async def purge(self, older_than: float, max_rows: int) -> int:
+        """Delete rows older than ``older_than`` and all but the newest ``max_rows``."""
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def journal_row(call: Call, capture: CaptureConfig) -> Row:
+    """The journal's facts about a finished call, in ``COLUMNS`` order: pure."""
+    input_value, output_value = captured(call, capture)
+    decision = call.decision
+    timings = call.timings
+    query = redactor_for(call, capture).text(call.query_string) if call.query_string else None
+    return (
+        timings.started_wall,
+        call.tool_name,
+        call.tool.kind,
+        call.agent_id,
+        call.run_id,
+        call.trace_id,
+        call.span_id,
+        call.method,
+        call.path,
+        query,
+        call.mcp.name if call.mcp is not None else None,
+        decision.kind.value if decision is not None else None,
+        json.dumps(list(decision.reasons)) if decision is not None else None,
+        decision.decision_id if decision is not None else None,
+        call.idempotency_key,
+        call.fingerprint,
+        call.replayed,
+        final_status(call),
+        call.error.code if call.error is not None else None,
+        _ms(timings.total_s),
+        _ms(timings.policy_s),
+        _ms(timings.upstream_s),
+        input_value,
+        output_value,
+    )
+
+
+def begin_row(call: Call) -> Row:
+    """The row a decided call leaves if it never ends: no status, ``interrupted``: pure."""
+    decision = call.decision
+    return (
+        call.timings.started_wall,
+        call.tool_name,
+        call.tool.kind,
+        call.agent_id,
+        call.run_id,
+        call.trace_id,
+        call.span_id,
+        call.method,
+        call.path,
+        None,
+        call.mcp.name if call.mcp is not None else None,
+        decision.kind.value if decision is not None else None,
+        json.dumps(list(decision.reasons)) if decision is not None else None,
+        decision.decision_id if decision is not None else None,
+        call.idempotency_key,
+        call.fingerprint,
+        False,
+        None,
+        INTERRUPTED,
+        0.0,
+        _ms(call.timings.policy_s),
+        0.0,
+        None,
+        None,
+    )
+
+
+def iso_time(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def row_dict(record: Any) -> dict[str, Any]:
+    """A stored row (mapping of column to value, plus ``id``) as the JSON that users see."""
+    reasons = record["reasons"]
+    return {
+        "id": record["id"],
+        "time": iso_time(record["time"]),
+        "tool": record["tool"],
+        "kind": record["kind"],
+        "agent": record["agent"],
+        "run": record["run_id"],
+        "trace_id": record["trace_id"],
+        "span_id": record["span_id"],
+        "method": record["method"],
+        "path": record["path"],
+        "query": record["query"],
+        "call": record["call_name"],
+        "decision": record["decision"],
+        "reasons": json.loads(reasons) if reasons else [],
+        "decision_id": record["decision_id"],
+        "idempotency_key": record["idempotency_key"],
+        "fingerprint": record["fingerprint"],
+        "replayed": bool(record["replayed"]),
+        "status": record["status"],
+        "error": record["error_code"],
+        "total_ms": record["total_ms"],
+        "policy_ms": record["policy_ms"],
+        "upstream_ms": record["upstream_ms"],
+        "input": record["input"],
+        "output": record["output"],
+    }

@@ -1,184 +1,78 @@
 """The local journal: every call written down beside the store, whatever OTLP does.
 
-``append`` runs on the call path, so it only builds the row and puts it on a bounded
-queue; a background task writes batches (one transaction each) every ``FLUSH_S`` or
-``BATCH`` rows. A full queue drops the row and counts it
-(``handrail_trace_export_dropped{sink="journal"}``): the journal never slows a call down.
-Retention (``tracing.journal``: ``retention_days``, ``max_rows``) is enforced by the same
-task. The database itself is one backend module per driver: ``journal_sqlite`` (a file of
-its own beside the store's, ``handrail-journal.db``, so journal batches never take the
-store's write lock) and ``journal_postgres`` (the store's database); ``journal_from_config``
-in the package picks one.
+No call is lost to a crash or to the database being away. ``begin`` (the call is decided)
+and ``append`` (it ended) each write one line to the write-ahead spool (``spool``: files of
+this process's own, one ``os.write`` each, no fsync: a power loss may lose the last ones);
+``append`` then queues the row for a background task that inserts batches every ``FLUSH_S``
+or ``BATCH`` rows, idempotently (``ON CONFLICT (uid) DO NOTHING``). A failed insert is
+retried with backoff, never dropped (``handrail_journal_write_retries``); when the bounded
+queue is full the row waits in the spool and is read back later. At start-up (and every
+``RECOVER_EVERY_S``) a proxy inserts what dead proxies left in the spool, a call that never
+ended as ``interrupted`` (``handrail_journal_recovered``). Only rows truly lost count in
+``handrail_trace_export_dropped{sink="journal"}``: a torn spool line, a row the database
+refuses, a row neither the spool nor the database took.
+
+Cost on the call path, begin + append (timeit): ~3 µs before the spool, ~15 µs with it
+for a 200-byte body, ~25 µs for a 4 KB one (the end line JSON-escapes the captured input
+again), the captured input and output being already built for the span; counting their
+capture and redaction too, ~17 -> ~31 µs and ~29 -> ~51 µs.
+
+Retention (``tracing.journal``) runs in a task of its own. The database is one backend per
+driver: ``journal_sqlite`` (``handrail-journal.db`` beside the store's file, so batches never
+take the store's write lock) and ``journal_postgres`` (the store's database).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
+import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from collections import deque
+from pathlib import Path
+from typing import Any
 
 from proxy.call import Call
 from proxy.config import CaptureConfig, JournalConfig
 from proxy.metrics import Metrics
-from proxy.tracing.attributes import captured, final_status, redactor_for
-from proxy.tracing.base import CallQuery
+from proxy.tracing.base import CallQuery, JournalDb, Row, Where, begin_row, journal_row
+from proxy.tracing.spool import (
+    BEGIN,
+    END,
+    Segment,
+    Spool,
+    commit_entry,
+    entry,
+    read_uncommitted,
+    take_dead,
+)
 
 logger = logging.getLogger(__name__)
 
-COMPONENT = "journal"
-TABLE = "handrail_journal"
 JOURNAL_SINK = "journal"
 
 QUEUE_SIZE = 10_000
 BATCH = 256
 FLUSH_S = 0.1
-RETENTION_EVERY_S = 60.0
+FLUSH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 5.0
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 5.0
+IDLE_S = 1.0
+RETENTION_EVERY_S = 60.0
+RECOVER_EVERY_S = 60.0
+"""How often a running proxy looks for the spool of a proxy that died beside it."""
 WARN_EVERY_S = 60.0
 
-COLUMNS: tuple[str, ...] = (
-    "time",
-    "tool",
-    "kind",
-    "agent",
-    "run_id",
-    "trace_id",
-    "span_id",
-    "method",
-    "path",
-    "query",
-    "call_name",
-    "decision",
-    "reasons",
-    "decision_id",
-    "idempotency_key",
-    "fingerprint",
-    "replayed",
-    "status",
-    "error_code",
-    "total_ms",
-    "policy_ms",
-    "upstream_ms",
-    "input",
-    "output",
-)
-"""The row's columns in order; ``id`` (insertion order) is added by the database."""
-
-Row = tuple[Any, ...]
+Pending = tuple[str, Row, Segment | None]
+"""A queued row: its uid, its ``COLUMNS`` values, the spool segment holding it (if any)."""
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
-def journal_row(call: Call, capture: CaptureConfig) -> Row:
-    """The journal's facts about a finished call, in ``COLUMNS`` order: pure."""
-    input_value, output_value = captured(call, capture)
-    decision = call.decision
-    timings = call.timings
-    query = redactor_for(call, capture).text(call.query_string) if call.query_string else None
-    return (
-        timings.started_wall,
-        call.tool_name,
-        call.tool.kind,
-        call.agent_id,
-        call.run_id,
-        call.trace_id,
-        call.span_id,
-        call.method,
-        call.path,
-        query,
-        call.mcp.name if call.mcp is not None else None,
-        decision.kind.value if decision is not None else None,
-        json.dumps(list(decision.reasons)) if decision is not None else None,
-        decision.decision_id if decision is not None else None,
-        call.idempotency_key,
-        call.fingerprint,
-        call.replayed,
-        final_status(call),
-        call.error.code if call.error is not None else None,
-        _ms(timings.total_s),
-        _ms(timings.policy_s),
-        _ms(timings.upstream_s),
-        input_value,
-        output_value,
-    )
-
-
-def iso_time(seconds: float) -> str:
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def row_dict(record: Any) -> dict[str, Any]:
-    """A stored row (mapping of column to value, plus ``id``) as the JSON that users see."""
-    reasons = record["reasons"]
-    return {
-        "id": record["id"],
-        "time": iso_time(record["time"]),
-        "tool": record["tool"],
-        "kind": record["kind"],
-        "agent": record["agent"],
-        "run": record["run_id"],
-        "trace_id": record["trace_id"],
-        "span_id": record["span_id"],
-        "method": record["method"],
-        "path": record["path"],
-        "query": record["query"],
-        "call": record["call_name"],
-        "decision": record["decision"],
-        "reasons": json.loads(reasons) if reasons else [],
-        "decision_id": record["decision_id"],
-        "idempotency_key": record["idempotency_key"],
-        "fingerprint": record["fingerprint"],
-        "replayed": bool(record["replayed"]),
-        "status": record["status"],
-        "error": record["error_code"],
-        "total_ms": record["total_ms"],
-        "policy_ms": record["policy_ms"],
-        "upstream_ms": record["upstream_ms"],
-        "input": record["input"],
-        "output": record["output"],
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class Where:
-    """A query's filters, in ``COLUMNS`` terms, for the backends to render."""
-
-    run_id: str | None
-    tool: str | None
-    decision: str | None
-    since: float | None
-    limit: int
-
-    @classmethod
-    def of(cls, query: CallQuery) -> Where:
-        return cls(query.run_id, query.tool, query.decision, query.since, max(1, query.limit))
-
-
-class JournalDb(Protocol):
-    """One database driver's part: schema, batched insert, query, retention."""
-
-    async def open(self, *, create: bool) -> bool:
-        """Connect (and with ``create``, make or migrate the schema); false: nothing there."""
-
-    async def close(self) -> None: ...
-
-    async def insert(self, rows: Sequence[Row]) -> None:
-        """Insert every row in one transaction."""
-
-    async def select(self, where: Where) -> list[dict[str, Any]]:
-        """Rows matching ``where``, newest first, as ``row_dict`` gives them."""
-
-    async def purge(self, older_than: float, max_rows: int) -> int:
-        """Delete rows older than ``older_than`` and all but the newest ``max_rows``."""
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("journal: the writer stopped", exc_info=task.exception())
 
 
 class _Warner:
@@ -199,7 +93,11 @@ class _Warner:
 
 
 class SqlJournal:
-    """The ``Journal``: a bounded queue in front of a ``JournalDb``, written in batches."""
+    """The ``Journal``: a spool and a bounded queue in front of a ``JournalDb``.
+
+    ``spool_dir`` None: no spool (an in-memory database, or a reader): a crash loses the
+    queue, and a full queue drops rows, as the journal did before it had one.
+    """
 
     def __init__(
         self,
@@ -208,6 +106,7 @@ class SqlJournal:
         retention: JournalConfig,
         metrics: Metrics,
         *,
+        spool_dir: Path | None = None,
         queue_size: int = QUEUE_SIZE,
         batch: int = BATCH,
         flush_s: float = FLUSH_S,
@@ -218,11 +117,28 @@ class SqlJournal:
         self._capture = capture
         self._retention = retention
         self._dropped = metrics.export_dropped.labels(JOURNAL_SINK)
-        self._queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=queue_size)
+        self._retries = metrics.journal_retries
+        self._recovered_rows = metrics.journal_recovered
+        self._queue: deque[Pending] = deque()
+        self._queue_size = queue_size
+        self._inflight: list[Pending] = []
         self._batch = batch
         self._flush_s = flush_s
         self._wants_writer = writer
+        self._spool_dir = spool_dir if writer else None
+        self._spool: Spool | None = None
+        self._begun: dict[str, bytes] = {}
+        """Begin lines of calls in flight, carried into each new spool segment."""
+        self._uid_prefix = secrets.token_hex(8) + "."
+        self._uids = itertools.count(1)
+        self._accepted = 0
+        self._settled = 0
+        self._has_rows = asyncio.Event()
         self._wake = asyncio.Event()
+        self._urgent = False
+        self._progress = asyncio.Event()
+        self._recovered = asyncio.Event()
+        self._next_recovery = 0.0
         self._task: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
         self._purge_every_s = purge_every_s
@@ -238,14 +154,18 @@ class SqlJournal:
         self._present = await self.db.open(create=self._wants_writer)
         self._opened = True
         if self._wants_writer:
+            if self._spool_dir is not None:
+                await self._open_spool(self._spool_dir)
             await self.purge()
             self._task = asyncio.create_task(self._write_forever(), name="handrail-journal")
+            self._task.add_done_callback(_report_crash)
             self._purge_task = asyncio.create_task(
                 self._purge_forever(), name="handrail-journal-retention"
             )
 
     async def close(self) -> None:
-        """Write what is queued (for up to ``CLOSE_TIMEOUT_S``), then disconnect."""
+        """Write what is queued (for up to ``CLOSE_TIMEOUT_S``), then disconnect; whatever
+        the database does not have by then stays in the spool for the next proxy."""
         if self._closed:
             return
         self._closed = True
@@ -255,49 +175,73 @@ class SqlJournal:
                 await self._purge_task
             self._purge_task = None
         if self._task is not None:
-            try:
-                await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                self._warner.warn("journal: could not write every queued call before closing")
+            await self._flush(CLOSE_TIMEOUT_S)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        lost = self._queue.qsize()
+        lost = sum(1 for *_, segment in (*self._inflight, *self._queue) if segment is None)
         if lost:
             self._drop(lost)
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            await asyncio.to_thread(spool.close, calls_in_flight=bool(self._begun))
         if self._opened:
             await self.db.close()
 
     def begin(self, call: Call) -> None:
-        """The call's write-ahead entry (not yet durable: see the spool)."""
+        """Write the call's entry ahead (one ``os.write``): from here it survives kill -9."""
+        spool = self._spool
+        if spool is None or self._closed:
+            return
+        try:
+            uid = f"{self._uid_prefix}{next(self._uids):x}"
+            line = entry(BEGIN, uid, begin_row(call))
+        except Exception:  # a bug here must not fail the call
+            logger.exception("journal: could not build the begin entry for a call")
+            return
+        call.journal_entry = uid
+        spool.write(line)
+        self._begun[uid] = line
 
     def append(self, call: Call) -> None:
-        """Queue the call's row; never blocks or raises on the call path."""
+        """Spool the call's row and queue it for the database; never blocks or raises."""
         if self._closed:
             self._drop(1)
             return
+        uid = call.journal_entry
+        if not isinstance(uid, str):  # refused before the policy: no begin
+            uid = f"{self._uid_prefix}{next(self._uids):x}"
         try:
             row = journal_row(call, self._capture)
+            line = entry(END, uid, row) if self._spool is not None else None
         except Exception:  # a bug here must not fail the call
             logger.exception("journal: could not build the row for a call")
             self._drop(1)
             return
-        try:
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
-            self._drop(1)
-            self._warner.warn("journal: the write queue is full, dropping calls")
-            return
-        if self._queue.qsize() >= self._batch:
-            self._wake.set()
+        segment = None
+        if line is not None and self._spool is not None:
+            self._begun.pop(uid, None)
+            segment = self._spool.write(line)
+            if segment is not None:
+                segment.rows += 1
+        if len(self._queue) >= self._queue_size:
+            if segment is None:
+                self._drop(1)
+                self._warner.warn("journal: the write queue is full, dropping calls")
+                return
+            segment.spilled += 1  # read back from the spool once the queue drains
+        else:
+            self._queue.append((uid, row, segment))
+            self._has_rows.set()
+            if len(self._queue) >= self._batch:
+                self._wake.set()
+        self._accepted += 1
 
     async def flush(self) -> None:
-        """Return once everything queued so far is written (or dropped)."""
-        if self._task is None or self._task.done():
-            return
-        self._wake.set()
-        await self._queue.join()
+        """Return once every call appended so far is in the database, or after
+        ``FLUSH_TIMEOUT_S`` (the database is away: the rows arrive later)."""
+        await self._flush(FLUSH_TIMEOUT_S)
 
     async def query(self, query: CallQuery) -> list[dict[str, Any]]:
         """Recorded calls, newest first, as JSON-ready dicts."""
@@ -324,27 +268,160 @@ class SqlJournal:
     def _drop(self, count: int) -> None:
         self._dropped.inc(count)
 
+    async def _open_spool(self, directory: Path) -> None:
+        spool = Spool(directory, await self.db.identity(), self._begun.values)
+        try:
+            await asyncio.to_thread(spool.open)
+        except OSError as exc:
+            logger.error(
+                "journal: no write-ahead spool in %s (calls may be lost): %s", directory, exc
+            )
+            return
+        self._spool = spool
+
+    async def _flush(self, timeout_s: float) -> None:
+        if self._task is None or self._task.done():
+            return
+        target = self._accepted
+        self._urgent = True
+        self._wake.set()
+        self._has_rows.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._recovered.wait()
+                while self._settled < target:
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            self._warner.warn("journal: %d calls not yet written", target - self._settled)
+
     async def _write_forever(self) -> None:
+        try:
+            await self._recover_dead()
+        finally:
+            self._recovered.set()
         while True:
-            first = await self._queue.get()
-            if self._queue.qsize() + 1 < self._batch:
+            if not self._queue:
+                self._has_rows.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_S):
+                        await self._has_rows.wait()
+            if self._queue and len(self._queue) < self._batch and not self._urgent:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._flush_s)
-            rows = [first]
-            while len(rows) < self._batch and not self._queue.empty():
-                rows.append(self._queue.get_nowait())
+                    async with asyncio.timeout(self._flush_s):
+                        await self._wake.wait()
+            self._urgent = False
+            if self._queue:
+                count = min(len(self._queue), self._batch)
+                self._inflight = [self._queue.popleft() for _ in range(count)]
+                await self._insert([(uid, *row) for uid, row, _ in self._inflight])
+                for _, _, segment in self._inflight:
+                    if segment is not None:
+                        segment.settled += 1
+                self._settled_rows([uid for uid, _, _ in self._inflight], len(self._inflight))
+                self._inflight = []
+            try:
+                await self._tend_spool()
+            except OSError as exc:  # the spool's directory is unwell; the writer goes on
+                self._warner.warn("journal: spool housekeeping failed: %s", exc)
+
+    async def _insert(self, rows: list[Row]) -> None:
+        """Insert until the database has the rows; only rows it refuses for good are lost."""
+        delay = RETRY_FIRST_S
+        while True:
             try:
                 await self.db.insert(rows)
-            except asyncio.CancelledError:
-                self._drop(len(rows))
-                raise
+                return
             except Exception as exc:
-                self._drop(len(rows))
-                self._warner.warn("journal: could not write %d calls: %s", len(rows), exc)
-            finally:
-                for _ in rows:
-                    self._queue.task_done()
+                if self.db.refuses(exc):
+                    if len(rows) == 1:
+                        self._drop(1)
+                        self._warner.warn("journal: the database refused a call's row: %s", exc)
+                    else:  # find the culprit; the others go in
+                        for row in rows:
+                            await self._insert([row])
+                    return
+                self._retries.inc()
+                self._warner.warn("journal: could not write %d calls, retrying: %s", len(rows), exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _insert_spooled(self, rows: list[tuple[str, Row]]) -> None:
+        """Insert rows read from the spool in batches, each marked committed once it is."""
+        for start in range(0, len(rows), self._batch):
+            chunk = rows[start : start + self._batch]
+            await self._insert([(uid, *row) for uid, row in chunk])
+            self._settled_rows([uid for uid, _ in chunk], 0)
+
+    def _settled_rows(self, uids: list[str], count: int) -> None:
+        """Mark rows committed in the spool (recovery skips them) and wake ``flush``."""
+        if self._spool is not None and uids:
+            self._spool.write(commit_entry(uids))
+        self._settled += count
+        self._progress.set()
+
+    async def _tend_spool(self) -> None:
+        """Read back spilled rows, delete finished segments, adopt the spool of dead proxies."""
+        spool = self._spool
+        if spool is None:
+            return
+        current = spool.current
+        if current is not None and current.spilled and len(self._queue) < self._queue_size // 2:
+            spool.rotate()  # so the spilled rows can be read back from a closed segment
+        for segment in list(spool.segments):
+            queued_settled = segment.settled + segment.spilled >= segment.rows
+            if segment.closed and segment.spilled and queued_settled:
+                await self._read_back(spool, segment)
+        spool.collect(calls_in_flight=bool(self._begun))
+        if time.monotonic() >= self._next_recovery:
+            await self._recover_dead()
+
+    async def _read_back(self, spool: Spool, segment: Segment) -> None:
+        """Insert a closed segment's rows that never made it into the queue."""
+        try:
+            rows = await asyncio.to_thread(read_uncommitted, segment.path, spool.journal_id)
+        except OSError as exc:
+            logger.error("journal: cannot read back %s: %s", segment.path, exc)
+            self._drop(segment.spilled)
+        else:
+            await self._insert_spooled(rows)
+            self._recovered_rows.inc(segment.spilled)
+        spilled, segment.spilled = segment.spilled, 0
+        segment.settled += spilled
+        self._settled_rows([], spilled)
+
+    async def _recover_dead(self) -> None:
+        """Insert the rows of proxies that died (with their calls in flight as interrupted)."""
+        self._next_recovery = time.monotonic() + RECOVER_EVERY_S
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            dead = await asyncio.to_thread(
+                take_dead, spool.directory, spool.journal_id, spool.owner
+            )
+        except OSError as exc:
+            self._warner.warn("journal: cannot look for spools to recover: %s", exc)
+            return
+        if dead is None:
+            return
+        done = False
+        try:
+            await self._insert_spooled(dead.rows)
+            done = True
+        finally:
+            dead.release(delete=done)
+        if dead.rows:
+            self._recovered_rows.inc(len(dead.rows))
+            logger.warning(
+                "journal: recovered %d calls from the spool of a stopped proxy (%d interrupted)",
+                len(dead.rows),
+                dead.interrupted,
+            )
+        if dead.torn:
+            self._drop(dead.torn)
+            logger.warning("journal: %d torn spool entries could not be recovered", dead.torn)
 
     async def _purge_forever(self) -> None:
         while True:

@@ -9,7 +9,15 @@ from typing import Any
 import asyncpg
 
 from proxy.migrations import Migrations, migrate_postgres
-from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
+from proxy.tracing.base import (
+    COMPONENT,
+    INSERT_COLUMNS,
+    META_TABLE,
+    TABLE,
+    Row,
+    Where,
+    row_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +60,24 @@ MIGRATIONS: Migrations = (
             f"CREATE INDEX {TABLE}_time ON {TABLE} (time)",
         ),
     ),
+    (
+        2,
+        (  # each row's spool uid, so that recovery may insert a row again; older rows: NULL
+            f"ALTER TABLE {TABLE} ADD COLUMN uid text",
+            f"CREATE UNIQUE INDEX {TABLE}_uid ON {TABLE} (uid)",
+            f"CREATE TABLE {META_TABLE} (id text NOT NULL)",
+            f"INSERT INTO {META_TABLE} (id) "
+            "VALUES (md5(random()::text || clock_timestamp()::text))",
+        ),
+    ),
 )
 
 _INSERT = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))})"
+    f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(INSERT_COLUMNS) + 1))}) "
+    "ON CONFLICT (uid) DO NOTHING"
 )
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 class PostgresJournalDb:
@@ -95,9 +115,16 @@ class PostgresJournalDb:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    async def identity(self) -> str:
+        return str(await self._pool_or_fail().fetchval(f"SELECT id FROM {META_TABLE}"))
+
     async def insert(self, rows: Sequence[Row]) -> None:
         async with self._pool_or_fail().acquire() as conn, conn.transaction():
             await conn.executemany(_INSERT, rows)
+
+    def refuses(self, exc: BaseException) -> bool:
+        """A value or constraint the server (or asyncpg's encoder) rejects; not an outage."""
+        return isinstance(exc, _REFUSED)
 
     async def select(self, where: Where) -> list[dict[str, Any]]:
         clauses: list[str] = []

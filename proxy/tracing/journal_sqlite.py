@@ -9,6 +9,7 @@ the write lock the store's statements on the event loop need: a database file ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -19,7 +20,15 @@ from typing import Any
 import aiosqlite
 
 from proxy.migrations import Migrations, migrate_sqlite
-from proxy.tracing.journal import COLUMNS, COMPONENT, TABLE, Row, Where, row_dict
+from proxy.tracing.base import (
+    COMPONENT,
+    INSERT_COLUMNS,
+    META_TABLE,
+    TABLE,
+    Row,
+    Where,
+    row_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +70,22 @@ MIGRATIONS: Migrations = (
             f"CREATE INDEX {TABLE}_time ON {TABLE} (time)",
         ),
     ),
+    (
+        2,
+        (  # each row's spool uid, so that recovery may insert a row again; older rows: NULL
+            f"ALTER TABLE {TABLE} ADD COLUMN uid TEXT",
+            f"CREATE UNIQUE INDEX {TABLE}_uid ON {TABLE} (uid)",
+            f"CREATE TABLE {META_TABLE} (id TEXT NOT NULL)",
+            f"INSERT INTO {META_TABLE} (id) VALUES (lower(hex(randomblob(16))))",
+        ),
+    ),
 )
 
-_INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_INSERT = (
+    f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)}) ON CONFLICT (uid) DO NOTHING"
+)
+_REFUSED = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError)
 
 
 def journal_path(store_path: Path | str) -> Path | str:
@@ -126,15 +148,28 @@ class SqliteJournalDb:
             conn, self._conn = self._conn, None
             await conn.close()
 
+    async def identity(self) -> str:
+        rows = list(await self._connection().execute_fetchall(f"SELECT id FROM {META_TABLE}"))
+        return str(rows[0][0])
+
     async def insert(self, rows: Sequence[Row]) -> None:
         conn = self._connection()
+        if conn.in_transaction:  # a failed batch's, which SQLite may keep open
+            await conn.execute("ROLLBACK")
         await conn.execute("BEGIN")
         try:
             await conn.executemany(_INSERT, rows)
             await conn.execute("COMMIT")
         except BaseException:
-            await conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
             raise
+
+    def refuses(self, exc: BaseException) -> bool:
+        """A constraint or a value SQLite cannot bind; "database is locked" and I/O errors pass."""
+        if isinstance(exc, sqlite3.ProgrammingError):
+            return "binding" in str(exc)
+        return isinstance(exc, _REFUSED)
 
     async def select(self, where: Where) -> list[dict[str, Any]]:
         clauses: list[str] = []
