@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterable
 from typing import Any
 
 from proxy.errors import BadRequest
@@ -108,6 +109,7 @@ def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

@@ -91,11 +91,11 @@ async def _run(
             return 0
         assert tool is not None and key is not None
         if action == "show":
-            record = await store.inspect(tool, key)
-            if record is None:
+            found = await store.inspect(tool, key)
+            if found is None:
                 err.write(f"handrail: no record for key {key!r} of tool {tool!r}\n")
                 return 1
-            out.write((json.dumps(record.as_dict(), indent=2) if as_json else _line(record)) + "\n")
+            out.write((json.dumps(found.as_dict(), indent=2) if as_json else _line(found)) + "\n")
             return 0
         assert response is None or isinstance(response, StoredResponse)
         was = await store.resolve(tool, key, response)
