@@ -117,6 +117,54 @@ async def test_tool_5xx_answer_releases_the_key_so_the_retry_runs(
     assert seen.count() == 2
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_a_tool_that_runs_the_write_and_hangs_up_runs_it_once(
+    make_proxy: ProxyFactory, method: str, tmp_path: Path
+) -> None:
+    """The tool reads the request, does the write, and closes the connection unanswered:
+    the write may have happened, so it is neither re-sent (aiohttp re-sends PUT and DELETE
+    on its own) nor run again by the agent's retry."""
+    executed: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        executed.append(head.split(b" ", 1)[0])
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        allow_all = tmp_path / "allow_all"
+        allow_all.mkdir()
+        (allow_all / "p.rego").write_text(
+            'package handrail\n\ndecision := {"allow": true, "reasons": [], '
+            '"require_approval": false}\n\nvisible := true\n'
+        )
+        proxy = await make_proxy(
+            crm(f"http://127.0.0.1:{port}", timeout_s=5),
+            policy={"path": str(allow_all), "watch": False},
+        )
+        first = await ask(proxy, method, "/tools/crm/contacts/1", body=PAYLOAD, headers=KEY)
+        retry = await ask(proxy, method, "/tools/crm/contacts/1", body=PAYLOAD, headers=KEY)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert first.status == 502 and first.error_code == "upstream_unavailable"
+    assert retry.status == 409 and retry.error_code == "outcome_unknown"
+    assert json.loads(retry.body)["error"]["reason"] == "connection_lost"
+    assert executed == [method.encode()]
+
+
 async def test_unreachable_tool_releases_the_key_so_the_retry_runs(
     aiohttp_server: Callable[..., Awaitable[TestServer]], make_proxy: ProxyFactory
 ) -> None:

@@ -78,6 +78,11 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
         )
+        # aiohttp re-sends a PUT or DELETE, once, on a pooled connection the server closed
+        # without answering: the tool may then run a keyed write twice, and the proxy could
+        # not know. Handrail decides retries itself (aio-libs/aiohttp#10790: no public switch;
+        # aiohttp's own test client sets the same attribute).
+        session._retry_connection = False
         stack.push_async_callback(session.close)
         deps = Deps(
             config=config,
