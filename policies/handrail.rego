@@ -115,7 +115,16 @@ violations contains msg if {
 violations contains msg if {
 	input.run.writes >= _write_budget
 	_write
+	_write_budget > 0
 	msg := sprintf("run write budget spent: %v of %v writes", [input.run.writes, _write_budget])
+}
+
+# An agent no setting names (no X-Agent-Id, or one spelled otherwise) gets default_agent:
+# the least privileged, reads only. Name your agents in handrail_settings.agents.
+violations contains msg if {
+	_write_budget == 0
+	_write
+	msg := sprintf("agent %s may not write (write_budget 0): name it in handrail_settings.agents", [_agent_label])
 }
 
 # --- loop detection ---------------------------------------------------------------------
@@ -144,6 +153,17 @@ _destructive_blocked if {
 	not _destructive_allowed
 }
 
+# No listing could be had: the annotations are unknown, which is read as the riskiest case.
+_destructive_blocked if {
+	_unknown_annotations
+	not _destructive_allowed
+}
+
+_unknown_annotations if {
+	_mcp
+	not is_object(input.call.annotations)
+}
+
 violations contains msg if {
 	input.request.method == "DELETE"
 	not _mcp
@@ -154,10 +174,25 @@ violations contains msg if {
 
 violations contains msg if {
 	_destructive_blocked
+	not _unknown_annotations
 	msg := sprintf("%s is marked destructive and is not allowed for agent %s", [_call_name, _agent_label])
 }
 
+violations contains msg if {
+	_destructive_blocked
+	_unknown_annotations
+	msg := sprintf("%s has unknown annotations (no tools/list answer) and is treated as destructive for agent %s", [_call_name, _agent_label])
+}
+
 # --- argument limits --------------------------------------------------------------------
+
+# A limited field must be a number: "10000" as a string would pass every numeric test.
+violations contains msg if {
+	some field, _ in _limits
+	value := _payload[field]
+	not is_number(value)
+	msg := sprintf("%s %s must be a number to be checked against its limits, not a %s", [_call_name, field, type_name(value)])
+}
 
 holds contains msg if {
 	some field, limit in _limits

@@ -11,7 +11,7 @@ _read := {
 	"tool": {"name": "crm", "kind": "http"},
 	"request": {"method": "GET", "path": "/contacts/42", "query": {}, "headers": {}, "body": null},
 	"call": null,
-	"agent": {"id": ""},
+	"agent": {"id": "sales-bot"},
 	"run": {"id": "r-1", "calls": 0, "writes": 0, "denied": 0, "repeats": 0},
 	"idempotency_key": null,
 	"time": "2026-11-23T10:00:00Z",
@@ -26,14 +26,27 @@ _mcp(tool, name, arguments, annotations, agent) := object.union(_read, {
 	"agent": {"id": agent},
 })
 
+_anonymous := {"agent": {"id": ""}}
+
 test_anonymous_read_is_allowed if {
-	d := handrail.decision with input as _read
+	d := handrail.decision with input as object.union(_read, _anonymous)
 	d.allow == true
 	d.require_approval == false
 	count(d.reasons) == 0
 }
 
-test_anonymous_write_within_budget_is_allowed if {
+test_anonymous_write_is_denied if {
+	d := handrail.decision with input as object.union(_write({"name": "Ada"}), _anonymous)
+	d.allow == false
+	d.reasons == {"agent (anonymous) may not write (write_budget 0): name it in handrail_settings.agents"}
+}
+
+test_unknown_agent_write_is_denied if {
+	d := handrail.decision with input as object.union(_write({"name": "Ada"}), {"agent": {"id": "Sales-Bot"}})
+	d.allow == false
+}
+
+test_named_agent_write_within_budget_is_allowed if {
 	d := handrail.decision with input as _write({"name": "Ada"})
 	d.allow == true
 }
@@ -72,9 +85,9 @@ test_delete_of_one_item_is_allowed if {
 }
 
 test_destructive_mcp_tool_is_denied if {
-	d := handrail.decision with input as _mcp("crm", "purge", {}, {"destructiveHint": true}, "")
+	d := handrail.decision with input as _mcp("crm", "purge", {}, {"destructiveHint": true}, "sales-bot")
 	d.allow == false
-	d.reasons == {"crm.purge is marked destructive and is not allowed for agent (anonymous)"}
+	d.reasons == {"crm.purge is marked destructive and is not allowed for agent sales-bot"}
 }
 
 test_destructive_mcp_tool_is_hidden if {
@@ -88,7 +101,7 @@ test_api_key_in_body_is_denied if {
 }
 
 test_aws_key_in_mcp_arguments_is_denied if {
-	d := handrail.decision with input as _mcp("crm", "note", {"text": ["x", "AKIAABCDEFGHIJKLMNOP"]}, {}, "")
+	d := handrail.decision with input as _mcp("crm", "note", {"text": ["x", "AKIAABCDEFGHIJKLMNOP"]}, {}, "sales-bot")
 	d.allow == false
 	d.reasons == {"argument text looks like an AWS access key id; secrets must not be sent to tools"}
 }
@@ -161,4 +174,21 @@ test_agent_with_zero_budget_cannot_write if {
 test_read_only_mcp_call_is_not_a_write if {
 	d := handrail.decision with input as _mcp("crm", "search", {}, {"readOnlyHint": true}, "report-bot")
 	d.allow == true
+}
+
+test_unknown_annotations_are_treated_as_destructive if {
+	d := handrail.decision with input as _mcp("crm", "purge", {}, null, "sales-bot")
+	d.allow == false
+	d.reasons == {"crm.purge has unknown annotations (no tools/list answer) and is treated as destructive for agent sales-bot"}
+}
+
+test_listed_tool_without_annotations_is_not_unknown if {
+	d := handrail.decision with input as _mcp("crm", "note", {}, {}, "sales-bot")
+	d.allow == true
+}
+
+test_amount_sent_as_a_string_is_denied if {
+	d := handrail.decision with input as _mcp("payments", "refund", {"amount": "10000"}, {}, "support-bot")
+	d.allow == false
+	d.reasons == {"payments.refund amount must be a number to be checked against its limits, not a string"}
 }

@@ -91,7 +91,7 @@ async def decide(call: Call, deps: Deps) -> None:
     with child_span(deps, "handrail.policy") as span:
         started = time.perf_counter()
         call.counters = await deps.store.reserve_call(
-            call.run_id, call.fingerprint, write=call.unsafe
+            run_key(call), call.fingerprint, write=call.unsafe
         )
         try:
             document = policy_input(
@@ -117,7 +117,7 @@ async def decide(call: Call, deps: Deps) -> None:
             span.set_attribute(DECISION_CACHED, True)
             deps.metrics.policy_cache_hits.inc()
         if decision.kind is not DecisionKind.ALLOW:
-            await deps.store.refund_call(call.run_id, write=call.unsafe)
+            await deps.store.refund_call(run_key(call), write=call.unsafe)
     if decision.kind is DecisionKind.ALLOW:
         return
     reasons = list(decision.reasons)
@@ -137,9 +137,15 @@ async def decide(call: Call, deps: Deps) -> None:
     )
 
 
+def run_key(call: Call) -> str:
+    """A run's counters are the agent's own: another agent naming the same run id cannot
+    spend its budget (nor see its counts)."""
+    return f"{call.agent_id}\x1f{call.run_id}"
+
+
 async def _refund_undecided(call: Call, deps: Deps) -> None:
     try:
-        await deps.store.refund_call(call.run_id, write=call.unsafe)
+        await deps.store.refund_call(run_key(call), write=call.unsafe)
     except HandrailError as exc:  # the call fails anyway: its own error is the answer
         logger.error(
             "could not count an undecided call as denied: %s",

@@ -75,3 +75,38 @@ async def test_own_and_allowed_hosts_and_origins_pass(
     answer = await proxy.get("/tools/crm/contacts", headers=headers)
     assert answer.status == 200
     assert seen.count() == 1
+
+
+BUDGET_POLICY = """package handrail
+
+import rego.v1
+
+default allow := false
+
+allow if input.run.writes < 2
+
+decision := {"allow": allow, "reasons": [r | not allow; r := "budget"], "require_approval": false}
+
+visible := true
+"""
+
+
+async def test_one_agent_cannot_spend_another_agents_run_budget(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    server, seen = tool
+    policies = tmp_path / "budget"
+    policies.mkdir()
+    (policies / "p.rego").write_text(BUDGET_POLICY)
+    proxy = await make_proxy(
+        {"crm": {"upstream": str(server.make_url("")), "idempotency": {"mode": "off"}}},
+        policy={"path": str(policies), "watch": False},
+    )
+
+    async def write(agent: str, n: int) -> int:
+        headers = {"X-Agent-Id": agent, "X-Run-Id": "shared-run"}
+        return (await proxy.post("/tools/crm/x", json={"n": n}, headers=headers)).status
+
+    assert [await write("mallory", n) for n in range(3)] == [200, 200, 403]
+    assert [await write("alice", n) for n in range(3)] == [200, 200, 403]
+    assert seen.count() == 4

@@ -40,7 +40,7 @@ BASE: dict[str, Any] = {
     "tool": {"name": "crm", "kind": "http"},
     "request": {"method": "GET", "path": "/contacts/42", "query": {}, "headers": {}, "body": None},
     "call": None,
-    "agent": {"id": ""},
+    "agent": {"id": "sales-bot"},  # a named agent: an unnamed one may not write
     "run": {"id": "r-1", "calls": 0, "writes": 0, "denied": 0, "repeats": 0},
     "idempotency_key": None,
     "time": "2026-11-23T10:00:00Z",
@@ -58,7 +58,7 @@ def doc(**parts: Any) -> dict[str, Any]:
 
 
 def mcp(
-    tool: str, name: str, arguments: dict[str, Any], agent: str = "", **hints: bool
+    tool: str, name: str, arguments: dict[str, Any], agent: str = "sales-bot", **hints: bool
 ) -> dict[str, Any]:
     return doc(
         tool={"name": tool, "kind": "mcp"},
@@ -111,7 +111,7 @@ CASES: list[tuple[str, dict[str, Any], bool, bool, list[str]]] = [
         mcp("crm", "purge", {}, destructiveHint=True),
         False,
         False,
-        ["crm.purge is marked destructive and is not allowed for agent (anonymous)"],
+        ["crm.purge is marked destructive and is not allowed for agent sales-bot"],
     ),
     (
         "secret_in_arguments",

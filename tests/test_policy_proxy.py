@@ -20,6 +20,10 @@ from tests.opa_api_server import build_opa_app
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 
 
+NAMED = {"X-Agent-Id": "sales-bot"}
+"""A named agent: the shipped policy lets an unnamed one read only."""
+
+
 def crm(server: TestServer) -> dict[str, Any]:
     return {"crm": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}}}
 
@@ -52,7 +56,7 @@ async def test_denied_call_never_reaches_the_tool(
 ) -> None:  # type: ignore[no-untyped-def]
     server, seen = tool
     proxy = await make_proxy(crm(server), policy=policy_section)
-    resp = await proxy.delete("/tools/crm/contacts")
+    resp = await proxy.delete("/tools/crm/contacts", headers=NAMED)
     body = await resp.json()
     assert resp.status == 403
     assert body["error"]["code"] == "policy_denied"
@@ -66,7 +70,7 @@ async def test_allowed_call_reaches_the_tool(
 ) -> None:  # type: ignore[no-untyped-def]
     server, seen = tool
     proxy = await make_proxy(crm(server), policy=policy_section)
-    resp = await proxy.delete("/tools/crm/contacts/42")
+    resp = await proxy.delete("/tools/crm/contacts/42", headers=NAMED)
     assert resp.status == 200
     assert seen.count() == 1
 
@@ -74,7 +78,9 @@ async def test_allowed_call_reaches_the_tool(
 async def test_secret_in_body_is_denied(tool, make_proxy: ProxyFactory, policy_section) -> None:  # type: ignore[no-untyped-def]
     server, seen = tool
     proxy = await make_proxy(crm(server), policy=policy_section)
-    resp = await proxy.post("/tools/crm/notes", json={"text": "AKIAABCDEFGHIJKLMNOP"})
+    resp = await proxy.post(
+        "/tools/crm/notes", json={"text": "AKIAABCDEFGHIJKLMNOP"}, headers=NAMED
+    )
     assert resp.status == 403
     assert (await resp.json())["error"]["reasons"] == [
         "argument text looks like an AWS access key id; secrets must not be sent to tools"

@@ -115,7 +115,7 @@ def test_policy_eval_prints_the_decision(tmp_path: Path) -> None:
         "tool": {"name": "crm", "kind": "http"},
         "request": {"method": "DELETE", "path": "/contacts", "body": None},
         "call": None,
-        "agent": {"id": ""},
+        "agent": {"id": "sales-bot"},
         "run": {"writes": 0, "repeats": 0},
     }
     file = tmp_path / "input.json"

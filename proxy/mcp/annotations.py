@@ -39,7 +39,9 @@ class ToolCatalog:
             name = tool.get("name")
             if isinstance(name, str):
                 annotations = tool.get("annotations")
-                listed[name] = dict(annotations) if isinstance(annotations, dict) else None
+                # Listed without annotations: known to have none ({}), unlike an unlisted
+                # tool (None), which policies must read as the riskiest case.
+                listed[name] = dict(annotations) if isinstance(annotations, dict) else {}
         targets = [self._server(server)]
         if session is not None:
             targets.append(self._session(server, session))
