@@ -201,7 +201,8 @@ async def claim_key(call: Call, deps: Deps, claiming: Claiming | None) -> None:
         raise IdempotencyKeyInUse(f"a call with Idempotency-Key {key!r} is still in flight")
     if claim.state is ClaimState.MISMATCH:
         raise IdempotencyKeyReused(
-            f"Idempotency-Key {key!r} was already used with a different payload"
+            f"Idempotency-Key {key!r} was already used for another call (a different "
+            "payload, Content-Type or agent): send a new key for a new call"
         )
     if claim.state is ClaimState.UNKNOWN:
         reason = UnknownReason(claim.reason or UnknownReason.LEASE_EXPIRED)
