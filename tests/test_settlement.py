@@ -145,6 +145,37 @@ def test_an_mcp_response_says_whether_the_tool_ran(
     assert call.server_error is server_error
 
 
+@pytest.mark.parametrize(
+    ("message", "cancelled"),
+    [
+        ({"jsonrpc": "2.0", "id": 1, "error": {"code": -32800, "message": "cancelled"}}, False),
+        ({"jsonrpc": "2.0", "id": 1, "error": {"code": -32800, "message": "cancelled"}}, True),
+        (
+            {"jsonrpc": "2.0", "id": 1, "error": {"code": jsonrpc.INTERNAL_ERROR, "message": ""}},
+            True,
+        ),
+        (
+            {"jsonrpc": "2.0", "id": 1, "error": {"code": jsonrpc.INVALID_PARAMS, "message": ""}},
+            True,
+        ),
+    ],
+)
+def test_an_error_after_a_cancel_leaves_the_outcome_unknown(
+    message: dict[str, Any], cancelled: bool
+) -> None:
+    call = _call()
+    settle_on_response(call, message, cancelled=cancelled)
+    assert call.outcome is Outcome.UNKNOWN
+    assert call.unknown_reason is UnknownReason.CANCELLED
+
+
+def test_a_result_after_a_cancel_is_the_answer() -> None:
+    call = _call()
+    message = {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}
+    settle_on_response(call, message, cancelled=True)
+    assert call.outcome is Outcome.ANSWERED
+
+
 # A response delivered on the resumed GET stream settles the key
 
 

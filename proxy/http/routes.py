@@ -14,7 +14,7 @@ from proxy.call import Call, Outcome, StoredResponse, Upstream
 from proxy.errors import HandrailError, UnknownTool
 from proxy.http.keys import DEPS, TRACE_IDS, TraceIds
 from proxy.ingress import canonical
-from proxy.ingress.reply import AgentStream
+from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import (
     capture_limit,
     identify,
@@ -55,6 +55,7 @@ class HttpReply:
             body = b"".join([chunk async for chunk in upstream.body])
             tee(call, body, keep)
             call.delivered, call.outcome = True, Outcome.ANSWERED
+            note_gone(self.request, call)
             self.response = web.Response(
                 status=upstream.status, body=body, headers=CIMultiDict(upstream.headers)
             )

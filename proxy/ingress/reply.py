@@ -50,3 +50,9 @@ class AgentStream:
             await self.response.write_eof()
         except _GONE:
             self.call.client_gone = True
+
+
+def note_gone(request: web.Request, call: Call) -> None:
+    """An answer sent in one write after the call: note an agent that already left."""
+    if request.transport is None or request.transport.is_closing():
+        call.client_gone = True

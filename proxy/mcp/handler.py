@@ -28,7 +28,7 @@ from proxy import pipeline
 from proxy.call import Call, McpCall, Outcome, StoredResponse, UnknownReason, Upstream
 from proxy.deps import Deps
 from proxy.errors import HandrailError
-from proxy.ingress.reply import AgentStream
+from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
@@ -198,6 +198,7 @@ class McpReply:
             body = b"".join([chunk async for chunk in upstream.body])
             tee(call, body, keep)
             call.delivered = True
+            note_gone(self.request, call)
             self._settle_on_json(call, upstream.status, body)
             self.response = web.Response(
                 status=upstream.status, body=body, headers=CIMultiDict(upstream.headers)
@@ -222,7 +223,8 @@ class McpReply:
                     # record is complete, even if the agent hangs up on the rest.
                     tee(call, event.data.encode(), keep)
                     found = call.delivered = True
-                    settle_on_response(call, message)
+                    cancelled = in_flight(self.request).was_cancelled(call, self.request_id)
+                    settle_on_response(call, message, cancelled=cancelled)
             await agent.write(chunk)
         if not found:
             # The stream ended without the call's response: it may have run.
@@ -247,7 +249,8 @@ class McpReply:
         except ValueError:
             message = None
         if _answers(message, self.request_id):
-            settle_on_response(call, message)
+            cancelled = in_flight(self.request).was_cancelled(call, self.request_id)
+            settle_on_response(call, message, cancelled=cancelled)
         elif isinstance(message, dict) and "error" in message and message.get("id") is None:
             call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
         else:

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.call import Call, Outcome
+from proxy.call import Call, Outcome, UnknownReason
 from proxy.mcp import jsonrpc
 
 MAX_REMEMBERED = 4096
@@ -76,10 +76,17 @@ def in_flight(request: web.Request) -> McpInFlight:
     return request.app[MCP_IN_FLIGHT]
 
 
-def settle_on_response(call: Call, message: dict[str, Any]) -> None:
-    """What a tools/call's JSON-RPC response says of the tool, for settling its key."""
+def settle_on_response(call: Call, message: dict[str, Any], *, cancelled: bool = False) -> None:
+    """What a tools/call's JSON-RPC response says of the tool, for settling its key.
+
+    ``cancelled``: the client cancelled the call. An error answered after that (or the
+    cancellation error itself) does not say the tool did nothing: it may have done its work
+    before the cancel reached it, so the outcome is unknown. A result means it finished.
+    """
     kind = jsonrpc.response_kind(message)
-    if kind is jsonrpc.ResponseKind.REFUSED:
+    if kind is jsonrpc.ResponseKind.CANCELLED or (cancelled and "error" in message):
+        call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.CANCELLED
+    elif kind is jsonrpc.ResponseKind.REFUSED:
         call.outcome = Outcome.NOT_RUN
     elif kind is jsonrpc.ResponseKind.INTERIM:
         call.outcome = Outcome.INTERIM

@@ -23,6 +23,8 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 SERVER_ERROR = -32000
+REQUEST_CANCELLED = -32800
+"""The answer some servers give a request the client cancelled (its work may be done)."""
 """Implementation-defined server error: what the proxy's own refusals use."""
 
 BATCH_PROTOCOL_VERSIONS = frozenset({"2024-11-05", "2025-03-26"})
@@ -403,12 +405,15 @@ class ResponseKind(StrEnum):
     REFUSED = "refused"  # a protocol-level error: the tool did not run
     FAILED = "failed"  # a server error (internal, or -32000..-32099): like an HTTP 5xx
     INTERIM = "interim"  # 2026-07-28 ``input_required``: the call goes on in a retry
+    CANCELLED = "cancelled"  # the request was cancelled: it may have done its work
 
 
 def response_kind(obj: dict[str, Any]) -> ResponseKind:
     error = obj.get("error")
     if error is not None:
         code = error.get("code") if isinstance(error, dict) else None
+        if code == REQUEST_CANCELLED:
+            return ResponseKind.CANCELLED
         return ResponseKind.REFUSED if code in PROTOCOL_ERRORS else ResponseKind.FAILED
     result = obj.get("result")
     if isinstance(result, dict) and result.get("resultType") == "input_required":
