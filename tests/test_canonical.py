@@ -292,3 +292,12 @@ async def test_mcp_duplicate_members_are_refused_before_the_server(
     message = json.loads(await answer.read())
     assert message["error"]["code"] == -32700
     assert seen.count() == 0
+
+
+def test_a_deep_answer_is_still_recorded_redacted() -> None:
+    """An answer nested past what the recorders walk is kept as scrubbed text, never dropped."""
+    from proxy.tracing.redact import Redactor, capture_body
+
+    deep = b'{"password": "hunter2", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    text = capture_body(deep, Redactor.build(["password"]), 16384)
+    assert text and "hunter2" not in text

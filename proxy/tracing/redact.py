@@ -174,12 +174,10 @@ def capture_body(body: bytes, redactor: Redactor, max_bytes: int, parsed: Any = 
     if not body or max_bytes <= 0:
         return ""
     if len(body) <= max(_PARSE_FACTOR * max_bytes, _PARSE_MIN):
-        if parsed is not None:
-            return capture_json(parsed, redactor, max_bytes)
         try:
-            return capture_json(json.loads(body), redactor, max_bytes)
-        except ValueError:
-            pass
+            return capture_json(json.loads(body) if parsed is None else parsed, redactor, max_bytes)
+        except (ValueError, RecursionError):
+            pass  # not JSON, or nested too deep to walk: scrubbed as text below
     head = body[: max_bytes + _SCRUB_MARGIN]
     if b"\x00" in head[:1024]:
         return f"[{len(body)} bytes of binary data]"
