@@ -24,6 +24,7 @@ from proxy.ingress.request import (
     read_body,
     tee,
 )
+from proxy.ingress.secrets import StreamScrubber, answer_forms, scrub
 from proxy.mcp.handler import handle_mcp
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class HttpReply:
     async def stream(self, call: Call, upstream: Upstream) -> None:
         call.response_headers = upstream.headers
         keep = keep_limit(call, self.capture_bytes)
+        forms = answer_forms(call.tool)  # the tool's credentials: never sent to the agent
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY:
             body = b"".join([chunk async for chunk in upstream.body])
+            body = scrub(body, forms) if forms else body
             tee(call, body, keep)
             call.delivered, call.outcome = True, Outcome.ANSWERED
             note_gone(self.request, call)
@@ -61,14 +64,20 @@ class HttpReply:
             )
             return
         response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(upstream.headers))
-        if length is not None:
+        if length is not None and not forms:  # scrubbing may change the length
             response.content_length = length
         self.response = response
         agent = AgentStream(self.request, response, call)
+        scrubber = StreamScrubber(forms) if forms else None
         await agent.start()
         async for chunk in upstream.body:  # read to the end even if the agent has gone
+            if scrubber is not None:
+                chunk = scrubber.feed(chunk)
             tee(call, chunk, keep)
             await agent.write(chunk)
+        if scrubber is not None and (rest := scrubber.flush()):
+            tee(call, rest, keep)
+            await agent.write(rest)
         call.delivered, call.outcome = True, Outcome.ANSWERED
         await agent.finish()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,7 @@ from proxy.deps import Deps
 from proxy.errors import HandrailError
 from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
+from proxy.ingress.secrets import StreamScrubber, answer_forms, scrub
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
 from proxy.mcp.inflight import in_flight, settle_on_response
@@ -192,10 +194,12 @@ class McpReply:
 
     async def stream(self, call: Call, upstream: Upstream) -> None:
         keep = keep_limit(call, self.capture_bytes)
+        forms = answer_forms(call.tool)  # the server's credentials: never sent to the agent
         content_type = _header(upstream.headers, "content-type")
         if not content_type.lower().startswith("text/event-stream"):
             call.response_headers = upstream.headers
             body = b"".join([chunk async for chunk in upstream.body])
+            body = scrub(body, forms) if forms else body
             tee(call, body, keep)
             call.delivered = True
             note_gone(self.request, call)
@@ -213,7 +217,8 @@ class McpReply:
         await agent.start()
         parser = jsonrpc.SseParser()
         found = False
-        async for chunk in upstream.body:  # read to the end even if the agent has gone
+        scrubber = StreamScrubber(forms) if forms else None
+        async for chunk in _scrubbed(upstream.body, scrubber):  # to the end, agent or not
             for event in parser.feed(chunk):
                 if call.on_progress is not None:
                     call.on_progress()  # progress, server requests: the call is alive
@@ -255,6 +260,15 @@ class McpReply:
             call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
         else:
             call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
+
+
+async def _scrubbed(
+    body: AsyncIterator[bytes], scrubber: StreamScrubber | None
+) -> AsyncIterator[bytes]:
+    async for chunk in body:
+        yield chunk if scrubber is None else scrubber.feed(chunk)
+    if scrubber is not None and (rest := scrubber.flush()):
+        yield rest
 
 
 def _answers(obj: Any, request_id: Any) -> bool:

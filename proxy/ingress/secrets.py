@@ -1,0 +1,91 @@
+"""A tool's own credentials never reach the agent: scrubbed from every answer it is sent.
+
+Handrail injects a tool's credentials (``tools.NAME.headers``); the agent must never see
+them, even when the tool echoes a request back or leaks its own headers. Every form a value
+may take in a body is replaced: plain, URL-encoded, JSON-escaped and base64 (standard and
+URL-safe, padded or not), for the whole header value and for the token after its scheme
+(``Bearer <token>``). Streams are scrubbed chunk by chunk, keeping a tail across chunks so
+a secret split between two chunks is still found.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from urllib.parse import quote
+
+from proxy.config import ToolConfig
+
+REDACTED = b"[REDACTED]"
+MIN_SECRET_LEN = 8
+"""Shorter values are not scrubbed: they would match ordinary text."""
+
+
+def secret_values(header_values: Iterable[str]) -> tuple[str, ...]:
+    """The values to scrub: each header value, and the credential after its scheme."""
+    values: set[str] = set()
+    for value in header_values:
+        value = value.strip()
+        values.add(value)
+        scheme, _, credential = value.partition(" ")
+        if credential and scheme.isalpha():
+            values.add(credential.strip())
+    return tuple(v for v in values if len(v) >= MIN_SECRET_LEN)
+
+
+def secret_forms(values: Iterable[str]) -> tuple[bytes, ...]:
+    """Every byte form of the values an answer may carry, longest first."""
+    forms: set[bytes] = set()
+    for value in values:
+        raw = value.encode()
+        forms.add(raw)
+        forms.add(quote(value, safe="").encode())
+        forms.add(json.dumps(value)[1:-1].encode())
+        forms.add(json.dumps(value, ensure_ascii=False)[1:-1].encode())
+        for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+            forms.add(encoded)
+            forms.add(encoded.rstrip(b"="))
+    return tuple(sorted((f for f in forms if len(f) >= MIN_SECRET_LEN), key=len, reverse=True))
+
+
+def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    for form in forms:
+        if form in data:
+            data = data.replace(form, REDACTED)
+    return data
+
+
+class StreamScrubber:
+    """Scrubs a stream: ``feed`` returns what may be sent now, ``flush`` the rest."""
+
+    def __init__(self, forms: tuple[bytes, ...]) -> None:
+        self.forms = forms
+        self.keep = max((len(f) for f in forms), default=1) - 1
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = scrub(self.tail + chunk, self.forms)
+        if len(data) <= self.keep:
+            self.tail = data
+            return b""
+        cut = len(data) - self.keep
+        self.tail = data[cut:]
+        return data[:cut]
+
+    def flush(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return scrub(tail, self.forms)
+
+
+@lru_cache(maxsize=256)
+def _forms_of(header_values: tuple[str, ...]) -> tuple[bytes, ...]:
+    return secret_forms(secret_values(header_values))
+
+
+def answer_forms(tool: ToolConfig) -> tuple[bytes, ...]:
+    """The forms of this tool's configured credentials (none: nothing to scrub)."""
+    if not tool.headers:
+        return ()
+    return _forms_of(tuple(sorted(tool.headers.values())))

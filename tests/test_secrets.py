@@ -1,0 +1,77 @@
+"""A tool's own credentials never reach the agent, in any form, whole or streamed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from proxy.ingress.secrets import (
+    REDACTED,
+    StreamScrubber,
+    scrub,
+    secret_forms,
+    secret_values,
+)
+from tests.conftest import ProxyFactory, Seen
+
+TOKEN = "crm-s3cr3t/token+with=chars"
+HEADER = f"Bearer {TOKEN}"
+
+
+def _forms_of(value: str) -> list[bytes]:
+    raw = value.encode()
+    return [
+        raw,
+        quote(value, safe="").encode(),
+        json.dumps(value)[1:-1].encode(),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+    ]
+
+
+def test_the_credential_and_its_token_are_both_secrets() -> None:
+    assert set(secret_values([HEADER])) == {HEADER, TOKEN}
+    assert secret_values(["short"]) == ()
+
+
+@pytest.mark.parametrize("form", _forms_of(TOKEN) + _forms_of(HEADER))
+def test_every_form_of_a_credential_is_scrubbed(form: bytes) -> None:
+    forms = secret_forms(secret_values([HEADER]))
+    out = scrub(b"before " + form + b" after", forms)
+    assert form not in out and REDACTED in out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 16, 64])
+def test_a_credential_split_across_chunks_is_scrubbed(chunk_size: int) -> None:
+    forms = secret_forms(secret_values([HEADER]))
+    data = b"x" * 5 + TOKEN.encode() + b"y" * 9 + base64.b64encode(TOKEN.encode()) + b"z"
+    scrubber = StreamScrubber(forms)
+    out = b"".join(
+        scrubber.feed(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)
+    )
+    out += scrubber.flush()
+    assert TOKEN.encode() not in out and base64.b64encode(TOKEN.encode()) not in out
+    assert out.startswith(b"xxxxx") and out.endswith(b"z") and out.count(REDACTED) == 2
+
+
+async def test_a_tool_echoing_its_credentials_never_shows_them_to_the_agent(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(
+        {"crm": {"upstream": str(server.make_url("")), "headers": {"Authorization": HEADER}}}
+    )
+    leak = " ".join(f.decode() for f in _forms_of(TOKEN))
+    answer = await proxy.post(
+        "/tools/crm/echo", data=leak.encode(), headers={"Content-Type": "text/plain"}
+    )
+    body = await answer.read()
+    assert answer.status == 200
+    assert seen.requests[-1]["headers"]["Authorization"] == HEADER  # the tool got it
+    for form in _forms_of(TOKEN):
+        assert form not in body
+    assert REDACTED in body
