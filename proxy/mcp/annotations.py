@@ -16,12 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.mcp.jsonrpc import RequestId
-
 Annotations = dict[str, Any]
 
 MAX_SESSIONS = 4096
-MAX_PENDING_LISTS = 64
 """tools/list ids remembered per session until answered."""
 
 
@@ -30,7 +27,6 @@ class ToolCatalog:
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[tuple[str, str], dict[str, Annotations | None]] = OrderedDict()
         self._servers: dict[str, dict[str, Annotations | None]] = {}
-        self._pending: OrderedDict[tuple[str, str | None], list[RequestId]] = OrderedDict()
 
     def remember(self, server: str, session: str | None, tools: list[dict[str, Any]]) -> None:
         """Record one page of a tools/list result (pages add up; a later listing overrides)."""
@@ -72,29 +68,6 @@ class ToolCatalog:
 
     def forget(self, server: str, session: str) -> None:
         self._sessions.pop((server, session), None)
-        self._pending.pop((server, session), None)
-
-    def expect_list(self, server: str, session: str | None, request_id: RequestId) -> None:
-        key = (server, session)
-        ids = self._pending.setdefault(key, [])
-        self._pending.move_to_end(key)
-        ids.append(request_id)
-        del ids[:-MAX_PENDING_LISTS]
-        while len(self._pending) > self.max_sessions:
-            self._pending.popitem(last=False)
-
-    def is_list_answer(
-        self, server: str, session: str | None, request_id: RequestId | None
-    ) -> bool:
-        """Whether ``request_id`` was a tools/list request of this session (consumed once)."""
-        ids = self._pending.get((server, session))
-        if request_id is None or not ids:
-            return False
-        for i, pending in enumerate(ids):
-            if pending == request_id and type(pending) is type(request_id):
-                del ids[i]
-                return True
-        return False
 
     def _server(self, server: str) -> dict[str, Annotations | None]:
         return self._servers.setdefault(server, {})

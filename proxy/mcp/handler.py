@@ -81,9 +81,6 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         if message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
             in_flight(request).note_cancel(ident.tool_name, ident.agent_id, session, request_id)
-    for message in parsed.requests:
-        if message.method == "tools/list" and message.id is not None:
-            catalog(request).expect_list(ident.tool_name, session, message.id)
     return await pass_through(request, deps, ident, body, parsed, session)
 
 
@@ -94,7 +91,7 @@ def _check_batch(parsed: jsonrpc.Body, version: str | None) -> None:
         raise jsonrpc.JsonRpcError(
             jsonrpc.INVALID_REQUEST, f"JSON-RPC batches are not part of MCP {version}"
         )
-    if any(m.method == "tools/call" for m in parsed.requests):
+    if any(m.method == "tools/call" for m in parsed.messages):  # notifications too
         raise jsonrpc.JsonRpcError(
             jsonrpc.INVALID_REQUEST,
             "Handrail checks each tools/call on its own: send it alone, not in a batch",

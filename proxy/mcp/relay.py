@@ -94,9 +94,11 @@ class ListFilter:
         if not isinstance(obj, dict) or "method" in obj:
             return None
         result = obj.get("result")
+        # By its shape, whatever its id or stream: a pending-request table can be evicted,
+        # replayed around or answered on a resumed stream.
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             return None
-        if not self.catalog.is_list_answer(self.ident.tool_name, self.session, obj.get("id")):
+        if "content" in result:  # a tools/call result that happens to carry "tools"
             return None
         tools = [t for t in result["tools"] if isinstance(t, dict)]
         self.catalog.remember(self.ident.tool_name, self.session, tools)
