@@ -9,13 +9,14 @@ from urllib.parse import quote
 
 import pytest
 
-from proxy.ingress.secrets import (
+from proxy.credentials import (
     REDACTED,
     StreamScrubber,
     scrub,
     secret_forms,
     secret_values,
 )
+from proxy.tracing.base import CallQuery
 from tests.conftest import ProxyFactory, Seen
 
 TOKEN = "crm-s3cr3t/token+with=chars"
@@ -50,9 +51,7 @@ def test_a_credential_split_across_chunks_is_scrubbed(chunk_size: int) -> None:
     forms = secret_forms(secret_values([HEADER]))
     data = b"x" * 5 + TOKEN.encode() + b"y" * 9 + base64.b64encode(TOKEN.encode()) + b"z"
     scrubber = StreamScrubber(forms)
-    out = b"".join(
-        scrubber.feed(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)
-    )
+    out = b"".join(scrubber.feed(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
     out += scrubber.flush()
     assert TOKEN.encode() not in out and base64.b64encode(TOKEN.encode()) not in out
     assert out.startswith(b"xxxxx") and out.endswith(b"z") and out.count(REDACTED) == 2
@@ -75,3 +74,49 @@ async def test_a_tool_echoing_its_credentials_never_shows_them_to_the_agent(
     for form in _forms_of(TOKEN):
         assert form not in body
     assert REDACTED in body
+
+
+# What is recorded: credentials by their shape and in their other forms, query keys encoded
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "AKIAIOSFODNN7EXAMPLE",
+        "sk-proj-abcdefghijklmnopqrstuvwx",
+        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+    ],
+)
+async def test_a_refused_calls_secret_is_not_recorded(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory, leak: str
+) -> None:
+    from proxy.http.keys import DEPS
+
+    server, seen = tool
+    proxy = await make_proxy({"crm": {"upstream": str(server.make_url(""))}})
+    answer = await proxy.delete(  # the test policy refuses every DELETE
+        "/tools/crm/notes/1", json={"note": f"here: {leak}"}, headers={"X-Run-Id": "r-leak"}
+    )
+    assert answer.status == 403 and seen.count() == 0
+    deps = proxy.server.app[DEPS]
+    await deps.journal.flush()
+    rows = await deps.journal.query(CallQuery(run_id="r-leak"))
+    recorded = json.dumps(rows)
+    assert rows and leak.split("\n")[0] not in recorded and "here:" in recorded
+
+
+@pytest.mark.parametrize("query", ["api%5Fkey=abcd1234", "api_key=abcd1234", "Api-Key=abcd1234"])
+def test_an_encoded_query_key_is_redacted(query: str) -> None:
+    from proxy.tracing.redact import Redactor
+
+    assert "abcd1234" not in Redactor.build(["api_key"]).text(f"a=1&{query}")
+
+
+def test_other_forms_of_a_tool_credential_are_not_recorded() -> None:
+    from proxy.tracing.redact import Redactor
+
+    redactor = Redactor.build(["authorization"], [HEADER])
+    for form in _forms_of(TOKEN):
+        assert form.decode() not in redactor.text(f"x {form.decode()} y")

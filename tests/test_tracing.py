@@ -519,11 +519,13 @@ async def test_proxy_unreachable_tool_marks_the_span_as_error(
 async def test_proxy_spans_never_hold_passwords_or_tool_credentials(
     tool: Any, make_proxy: ProxyFactory, spans: InMemorySpanExporter
 ) -> None:
-    server, _ = tool
+    server, seen = tool
     proxy = await make_proxy(_crm(server, headers={"Authorization": "Bearer tool-cred-123456"}))
     resp = await proxy.post("/tools/crm/login", json={"user": "ada", "password": "hunter2"})
     assert resp.status == 200
-    assert "tool-cred-123456" in await resp.text()  # the fake tool echoes what it got
+    assert "tool-cred-123456" in seen.requests[-1]["headers"]["Authorization"]
+    # The fake tool echoes what it got; the agent never sees the tool's credential.
+    assert "tool-cred-123456" not in await resp.text()
     everything = json.dumps([dict(s.attributes or {}) for s in spans.get_finished_spans()])
     assert "hunter2" not in everything
     assert "tool-cred-123456" not in everything

@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind
 
 from proxy import pipeline
 from proxy.call import Call, Outcome, StoredResponse, Upstream
+from proxy.credentials import StreamScrubber, answer_forms, scrub
 from proxy.errors import HandrailError, UnknownTool
 from proxy.http.keys import DEPS, TRACE_IDS, TraceIds
 from proxy.ingress import canonical
@@ -24,7 +25,6 @@ from proxy.ingress.request import (
     read_body,
     tee,
 )
-from proxy.ingress.secrets import StreamScrubber, answer_forms, scrub
 from proxy.mcp.handler import handle_mcp
 
 logger = logging.getLogger(__name__)

@@ -27,11 +27,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from proxy import pipeline
 from proxy.call import Call, McpCall, Outcome, StoredResponse, UnknownReason, Upstream
+from proxy.credentials import StreamScrubber, answer_forms, scrub
 from proxy.deps import Deps
 from proxy.errors import HandrailError
 from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
-from proxy.ingress.secrets import StreamScrubber, answer_forms, scrub
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
 from proxy.mcp.inflight import in_flight, settle_on_response

@@ -23,6 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote_plus
+
+from proxy.credentials import secret_forms, secret_values
 
 REDACTED = "[REDACTED]"
 
@@ -66,17 +69,12 @@ class Redactor:
     @classmethod
     def build(cls, keys: Iterable[str], secrets: Iterable[str] = ()) -> Redactor:
         terms = tuple(w for w in (_words(k) for k in keys) if w)
-        found: set[str] = set()
-        for value in secrets:
-            value = value.strip()
-            if len(value) >= _MIN_SECRET_LEN:
-                found.add(value)
-            # "Bearer abc123": the token alone must not leak either.
-            _scheme, _, credential = value.partition(" ")
-            if credential.strip() and len(credential.strip()) >= _MIN_SECRET_LEN:
-                found.add(credential.strip())
-        # Longest first, so a value is removed whole before any part of it.
-        return cls(terms, tuple(sorted(found, key=len, reverse=True)))
+        # Every form a credential may take (plain, URL-encoded, JSON-escaped, base64), the
+        # header value and the token after its scheme; longest first, so a value is
+        # removed whole before any part of it.
+        values = secret_values(secrets, _MIN_SECRET_LEN)
+        forms = secret_forms(values, _MIN_SECRET_LEN)
+        return cls(terms, tuple(f.decode("utf-8", errors="replace") for f in forms))
 
     def is_secret_key(self, key: object) -> bool:
         return _is_secret_key(self.terms, str(key))
@@ -95,10 +93,13 @@ class Redactor:
         return value
 
     def scrub_secrets(self, text: str) -> str:
-        """Remove the configured credential values wherever they appear."""
+        """Remove the configured credential values wherever they appear, and whatever looks
+        like a credential by its shape (cloud and API keys, tokens, private keys)."""
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if _MAY_HOLD_SECRET.search(text):
+            text = _SECRET_SHAPES.sub(REDACTED, text)
         return text
 
     def text(self, text: str) -> str:
@@ -121,7 +122,7 @@ class Redactor:
         return f'{match.group("head")}\\"{REDACTED}\\"'
 
     def _form_pair(self, match: re.Match[str]) -> str:
-        if not self.is_secret_key(match.group("key")):
+        if not self.is_secret_key(unquote_plus(match.group("key"))):
             return match.group(0)
         return f"{match.group('head')}{REDACTED}"
 
@@ -136,10 +137,21 @@ _ESCAPED_JSON_PAIR = re.compile(
     r'(?P<head>\\"(?P<key>[^"\\]{1,200})\\"\s*:\s*)'
     r'(?P<value>\\"(?:[^"\\]|\\[^"])*(?:\\"|$)|[^\s,}\]\\]+)'
 )
-# key=value in a query string or form body
+# key=value in a query string or form body (the key may be percent-encoded: api%5Fkey)
 _FORM_PAIR = re.compile(
-    r"(?P<head>(?:^|(?<=[&?\s;]))(?P<key>[A-Za-z0-9_.\-\[\]]{1,200})=)[^&\s;\"]*"
+    r"(?P<head>(?:^|(?<=[&?\s;]))(?P<key>[A-Za-z0-9_.%+\-\[\]]{1,200})=)[^&\s;\"]*"
 )
+# Credentials recognised by their shape wherever they are (the policy's screen, widened):
+# API secret keys, live payment keys, AWS access key ids, GitHub and Slack tokens, JWTs,
+# PEM private keys (to their end, or the end of the text).
+_SECRET_SHAPES = re.compile(
+    r"sk-[A-Za-z0-9_-]{16,}|[rs]k_live_[A-Za-z0-9]{16,}|(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|xox[baprs]-[A-Za-z0-9-]{10,}"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----(?:.|\n)*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+)
+_MAY_HOLD_SECRET = re.compile(r"sk-|k_live_|AKIA|ASIA|gh[pousr]_|xox|eyJ|PRIVATE KEY")
+"""A cheap first look: most text holds none of these, and skips the full pattern."""
 
 
 def truncate(text: str, max_bytes: int, *, original_bytes: int | None = None) -> str:

@@ -1,4 +1,5 @@
-"""A tool's own credentials never reach the agent: scrubbed from every answer it is sent.
+"""A tool's own credentials never reach the agent: scrubbed from every answer it is sent
+(and, by ``tracing.redact``, from everything recorded).
 
 Handrail injects a tool's credentials (``tools.NAME.headers``); the agent must never see
 them, even when the tool echoes a request back or leaks its own headers. Every form a value
@@ -23,7 +24,9 @@ MIN_SECRET_LEN = 8
 """Shorter values are not scrubbed: they would match ordinary text."""
 
 
-def secret_values(header_values: Iterable[str]) -> tuple[str, ...]:
+def secret_values(
+    header_values: Iterable[str], min_len: int = MIN_SECRET_LEN
+) -> tuple[str, ...]:
     """The values to scrub: each header value, and the credential after its scheme."""
     values: set[str] = set()
     for value in header_values:
@@ -32,10 +35,10 @@ def secret_values(header_values: Iterable[str]) -> tuple[str, ...]:
         scheme, _, credential = value.partition(" ")
         if credential and scheme.isalpha():
             values.add(credential.strip())
-    return tuple(v for v in values if len(v) >= MIN_SECRET_LEN)
+    return tuple(v for v in values if len(v) >= min_len)
 
 
-def secret_forms(values: Iterable[str]) -> tuple[bytes, ...]:
+def secret_forms(values: Iterable[str], min_len: int = MIN_SECRET_LEN) -> tuple[bytes, ...]:
     """Every byte form of the values an answer may carry, longest first."""
     forms: set[bytes] = set()
     for value in values:
@@ -47,7 +50,7 @@ def secret_forms(values: Iterable[str]) -> tuple[bytes, ...]:
         for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
             forms.add(encoded)
             forms.add(encoded.rstrip(b"="))
-    return tuple(sorted((f for f in forms if len(f) >= MIN_SECRET_LEN), key=len, reverse=True))
+    return tuple(sorted((f for f in forms if len(f) >= min_len), key=len, reverse=True))
 
 
 def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
