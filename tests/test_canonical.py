@@ -146,6 +146,10 @@ def test_a_body_a_tool_could_read_as_json_is_parsed(
         ("text/plain", "br", b"anything"),
         ("application/json", "", b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)),
         ("application/json", "", b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
+        ("application/json", "", b'{"amount": 1e400}'),
+        ("application/json", "", b'{"amount": -1e400}'),
+        ("application/json", "", b'{"amount": ' + b"9" * 5000 + b"}"),
+        ("application/json", "", b"[" + b",".join([b"[]"] * 100_001) + b"]"),
     ],
 )
 def test_a_body_the_policy_could_misread_is_refused(
@@ -277,15 +281,21 @@ async def test_a_body_or_header_the_policy_could_misread_never_reaches_the_tool(
     assert tool[1].count() == 0
 
 
-async def test_mcp_duplicate_members_are_refused_before_the_server(
-    tool: tuple[Any, Seen], make_proxy: ProxyFactory, policy_dir: Path
+@pytest.mark.parametrize(
+    "params",
+    [
+        b'{"name": "read", "name": "delete_all", "arguments": {}}',
+        b'{"name": "refund", "arguments": {"amount": 1e400}}',
+        b'{"name": "refund", "arguments": {"amount": NaN}}',
+        b'{"name": "refund", "arguments": {"a": {"b": 1, "b": 2}}}',
+    ],
+)
+async def test_mcp_arguments_the_policy_could_misread_are_refused_before_the_server(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory, policy_dir: Path, params: bytes
 ) -> None:
     server, seen = tool
     proxy = await make_proxy({"m": {"upstream": str(server.make_url("/mcp")), "kind": "mcp"}})
-    raw = (
-        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": '
-        b'{"name": "read", "name": "delete_all", "arguments": {}}}'
-    )
+    raw = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": ' + params + b"}"
     answer = await proxy.post(
         "/tools/m", data=raw, headers={"Content-Type": "application/json", **AGENT}
     )

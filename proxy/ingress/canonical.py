@@ -10,6 +10,7 @@ path normalisation (``normalize_path``, ``path_with_escaped_slashes_action: REJE
 from __future__ import annotations
 
 import json
+import math
 import string
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +27,8 @@ _NEVER_DECODED = frozenset("/\\.%")
 """Escapes that would change the path's structure if decoded, or be decoded twice."""
 _HEX = frozenset(string.hexdigits)
 
+MAX_JSON_NODES = 100_000
+"""Arrays and objects in one body, at most: past it a body is work for the policy, not a call."""
 MAX_JSON_DEPTH = 64
 """Nesting past this is refused: a deeper body is no call a tool expects, and it is where
 parsers (and the recorders of what was decided) give out."""
@@ -92,11 +95,24 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return value
+
+
 def strict_loads(text: str | bytes) -> Any:
-    """JSON as every reader agrees on it: no duplicate members, no NaN or Infinity, nesting
-    at most ``MAX_JSON_DEPTH``. Raises ValueError saying what is wrong."""
+    """JSON as every reader agrees on it: no duplicate members, no NaN or Infinity (written
+    or overflowing, ``1e400``), nesting at most ``MAX_JSON_DEPTH``, at most
+    ``MAX_JSON_NODES`` values. Raises ValueError saying what is wrong."""
     try:
-        value = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+        value = json.loads(
+            text,
+            object_pairs_hook=_unique_members,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+        )
     except RecursionError:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     if len(text) > MAX_JSON_DEPTH:
@@ -104,10 +120,14 @@ def strict_loads(text: str | bytes) -> Any:
     return value
 
 
-def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
-    """Raise ValueError when ``value`` nests past ``limit`` (iterative: no recursion)."""
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH, nodes: int = MAX_JSON_NODES) -> None:
+    """Raise ValueError when ``value`` nests past ``limit`` or holds more than ``nodes``
+    arrays and objects (iterative: no recursion)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
+        nodes -= 1
+        if nodes < 0:
+            raise ValueError(f"more than {MAX_JSON_NODES} arrays and objects")
         item, depth = stack.pop()
         children: Iterable[Any]
         if isinstance(item, dict):
