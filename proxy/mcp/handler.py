@@ -69,6 +69,11 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         return json_response(*render_invalid(err, ident.trace_id))
     first = parsed.messages[0]
     if not parsed.batch and first.method is not None:
+        mismatch = jsonrpc.header_mismatch(first, request.headers)
+        if mismatch is not None:
+            ident.span.set_attribute("handrail.error.code", "bad_request")
+            err = jsonrpc.JsonRpcError(jsonrpc.HEADER_MISMATCH, mismatch, first.id)
+            return json_response(*render_invalid(err, ident.trace_id))
         ident.span.set_attribute(MCP_METHOD_NAME, first.method)
         if first.id is not None:
             ident.span.set_attribute(JSONRPC_REQUEST_ID, str(first.id))
