@@ -135,3 +135,46 @@ async def test_a_batch_holding_a_tools_call_never_reaches_the_server(
     message = json.loads(await answer.read())
     assert message["error"]["code"] == -32600
     assert seen == []
+
+
+def unlisted_server(seen: list[dict[str, Any]]) -> web.Application:
+    """A server whose tools/list fails: the proxy cannot learn any tool's annotations."""
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        message = await request.json()
+        seen.append(message)
+        if message.get("method") == "tools/list":
+            return web.json_response({"error": "listing is down"}, status=500)
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": message.get("id"), "result": {"content": []}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    return app
+
+
+async def test_a_call_whose_annotations_are_unknown_is_refused_by_the_shipped_policy(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], make_proxy: ProxyFactory
+) -> None:
+    from proxy.config import shipped_policies
+
+    seen: list[dict[str, Any]] = []
+    server = await aiohttp_server(unlisted_server(seen))
+    client = await make_proxy(
+        {"m": {"upstream": str(server.make_url("/mcp")), "kind": "mcp"}},
+        policy={"path": str(shipped_policies()), "watch": False},
+    )
+    call = {
+        "jsonrpc": "2.0",
+        "id": 9,
+        "method": "tools/call",
+        "params": {"name": "publish", "arguments": {}},
+    }
+    answer = await client.post(
+        "/tools/m", data=json.dumps(call), headers={**HEADERS, "X-Agent-Id": "sales-bot"}
+    )
+    message = json.loads(await answer.read())
+    assert message["result"]["isError"] is True
+    assert "unknown annotations" in json.dumps(message)
+    assert [m.get("method") for m in seen] == ["tools/list"]  # the call never went through

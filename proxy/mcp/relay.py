@@ -136,7 +136,7 @@ class ListFilter:
             mcp = McpCall(
                 name if isinstance(name, str) else "",
                 {},
-                annotations if isinstance(annotations, dict) else None,
+                annotations if isinstance(annotations, dict) else {},  # listed: known
                 None,
                 self.session,
                 method="tools/list",

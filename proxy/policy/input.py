@@ -90,7 +90,8 @@ def policy_input(
         "request": request,
         "call": None
         if mcp is None
-        else {"name": mcp.name, "arguments": mcp.arguments, "annotations": mcp.annotations or {}},
+        # None (no listing could be had) stays null: policies must read unknown as riskiest.
+        else {"name": mcp.name, "arguments": mcp.arguments, "annotations": mcp.annotations},
         "agent": {"id": call.agent_id},
         "run": {
             "id": call.run_id,
