@@ -107,6 +107,9 @@ class ToolConfig(_Model):
     events (progress and server requests reset it)."""
     max_duration_s: float | None = Field(None, gt=0)
     """mcp: an optional deadline on a whole tools/call answer, however lively."""
+    max_connections: int = Field(256, ge=1, le=100_000)
+    """Connections to this tool at once, its own pool: one tool's load or idle MCP event
+    streams cannot starve another tool. A call waits up to ``timeout_s`` for one."""
     headers: dict[str, str] = Field(default_factory=dict)
     idempotency: IdempotencyConfig = IdempotencyConfig()
     max_body_bytes: int = Field(1_048_576, gt=0)

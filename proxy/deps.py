@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import aiohttp
 from opentelemetry.trace import Tracer
 
 from proxy.background import Background
@@ -13,6 +12,7 @@ from proxy.metrics import Metrics
 from proxy.policy.base import PolicyEngine
 from proxy.store.base import Store
 from proxy.tracing.base import Journal
+from proxy.upstream import Pools
 
 
 @dataclass
@@ -22,6 +22,6 @@ class Deps:
     engine: PolicyEngine
     journal: Journal
     tracer: Tracer
-    session: aiohttp.ClientSession
+    pools: Pools
     metrics: Metrics
     background: Background = field(default_factory=Background)

@@ -162,7 +162,7 @@ async def forward(call: Call, deps: Deps) -> None:
     call.extra["upstream_span"] = span
     started = time.perf_counter()
     try:
-        call.upstream = await send_upstream(deps.session, call, span)
+        call.upstream = await send_upstream(deps.pools.session(call.tool_name), call, span)
     except HandrailError as exc:
         span.set_status(Status(StatusCode.ERROR, exc.message))
         span.set_attribute("error.type", exc.code)

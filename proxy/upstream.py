@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -123,9 +123,14 @@ def client_timeout(tool: ToolConfig) -> aiohttp.ClientTimeout:
     if set, the whole of it)."""
     if tool.kind == "mcp":
         return aiohttp.ClientTimeout(
-            total=None, sock_connect=tool.timeout_s, sock_read=tool.timeout_s
+            total=None,
+            connect=tool.timeout_s,
+            sock_connect=tool.timeout_s,
+            sock_read=tool.timeout_s,
         )
-    return aiohttp.ClientTimeout(total=tool.timeout_s, sock_connect=tool.timeout_s)
+    return aiohttp.ClientTimeout(
+        total=tool.timeout_s, connect=tool.timeout_s, sock_connect=tool.timeout_s
+    )
 
 
 def upstream_body(call: Call, span: Span | None) -> bytes:
@@ -171,7 +176,8 @@ async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span |
     except aiohttp.ConnectionTimeoutError as exc:
         call.sent, call.outcome = False, Outcome.NOT_RUN
         raise UpstreamTimeout(
-            f"tool {call.tool_name!r} did not accept a connection within {call.tool.timeout_s:g}s"
+            f"no connection to tool {call.tool_name!r} within {call.tool.timeout_s:g}s (it "
+            f"does not accept, or all {call.tool.max_connections} of its connections are busy)"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         call.sent, call.outcome = False, Outcome.NOT_RUN
@@ -191,3 +197,39 @@ async def send_upstream(session: aiohttp.ClientSession, call: Call, span: Span |
         content_length=response.content_length,
         release=response.release,
     )
+
+
+class Pools:
+    """One connection pool per tool, so one tool's load (or a crowd of idle MCP event
+    streams) cannot starve another; ``tools.NAME.max_connections`` bounds each, and a call
+    that waits past ``timeout_s`` for a connection is refused (504) without reaching it."""
+
+    def __init__(self, tools: Mapping[str, ToolConfig]) -> None:
+        self._sessions = {name: _session(tool.max_connections) for name, tool in tools.items()}
+        self._fallback: aiohttp.ClientSession | None = None
+
+    def session(self, tool: str) -> aiohttp.ClientSession:
+        found = self._sessions.get(tool)
+        if found is not None:
+            return found
+        if self._fallback is None:
+            self._fallback = _session(256)
+        return self._fallback
+
+    async def close(self) -> None:
+        for each in [*self._sessions.values(), self._fallback]:
+            if each is not None:
+                await each.close()
+
+
+def _session(limit: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30)
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+    # aiohttp re-sends a PUT or DELETE, once, on a pooled connection the server closed
+    # without answering: the tool may then run a keyed write twice, and the proxy could
+    # not know. Handrail decides retries itself (aio-libs/aiohttp#10790: no public switch;
+    # aiohttp's own test client sets the same attribute).
+    session._retry_connection = False
+    return session

@@ -279,7 +279,7 @@ async def test_what_the_policy_reads_is_never_answered_from_the_cache(
         {"payments": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}}}
     )
     # payments.refund's limits: over 100 needs a human (policies/data.json).
-    headers = {"X-Agent-Id": "billing-bot", "X-Run-Id": "run-1"}
+    headers = {"X-Agent-Id": "sales-bot", "X-Run-Id": "run-1"}
     assert (
         await proxy.post("/tools/payments/refunds", json={"amount": 50}, headers=headers)
     ).status == 200

@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -24,11 +23,14 @@ from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
 from proxy.tracing import journal_from_config, tracer_provider_from_config
 from proxy.tracing.tracer import Tracer
+from proxy.upstream import Pools
 
 logger = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 60.0
-BACKGROUND_GRACE_S = 10.0
+BACKGROUND_GRACE_S = 2.0
+"""How long a stopping proxy gives settles the store refused (their keys read as unknown
+after their lease if they cannot finish)."""
 PROVIDER = web.AppKey("tracer_provider", TracerProvider)
 
 __all__ = ["build_admin_app", "build_app"]
@@ -74,23 +76,15 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         journal = journal_from_config(config, metrics)
         await journal.open()
         stack.push_async_callback(journal.close)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
-        session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-        )
-        # aiohttp re-sends a PUT or DELETE, once, on a pooled connection the server closed
-        # without answering: the tool may then run a keyed write twice, and the proxy could
-        # not know. Handrail decides retries itself (aio-libs/aiohttp#10790: no public switch;
-        # aiohttp's own test client sets the same attribute).
-        session._retry_connection = False
-        stack.push_async_callback(session.close)
+        pools = Pools(config.tools)
+        stack.push_async_callback(pools.close)
         deps = Deps(
             config=config,
             store=store,
             engine=engine,
             journal=journal,
             tracer=Tracer(provider),
-            session=session,
+            pools=pools,
             metrics=metrics,
         )
         app[DEPS] = deps

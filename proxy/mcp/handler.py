@@ -72,8 +72,8 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         mismatch = jsonrpc.header_mismatch(first, request.headers)
         if mismatch is not None:
             ident.span.set_attribute("handrail.error.code", "bad_request")
-            err = jsonrpc.JsonRpcError(jsonrpc.HEADER_MISMATCH, mismatch, first.id)
-            return json_response(*render_invalid(err, ident.trace_id))
+            refusal = jsonrpc.JsonRpcError(jsonrpc.HEADER_MISMATCH, mismatch, first.id)
+            return json_response(*render_invalid(refusal, ident.trace_id))
         ident.span.set_attribute(MCP_METHOD_NAME, first.method)
         if first.id is not None:
             ident.span.set_attribute(JSONRPC_REQUEST_ID, str(first.id))
@@ -327,7 +327,7 @@ async def _list_tools(
             if cursor:
                 message["params"] = {"cursor": cursor}
             try:
-                async with deps.session.post(
+                async with deps.pools.session(ident.tool_name).post(
                     url,
                     data=jsonrpc.dumps(message),
                     headers=headers,

@@ -158,9 +158,14 @@ class ListFilter:
 
 
 def _timeout(method: str, timeout_s: float) -> aiohttp.ClientTimeout:
+    # ``connect`` bounds the wait for a connection from the tool's pool, too.
     if method == "GET":  # the server's event stream may stay open and quiet for hours
-        return aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=None)
-    return aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        return aiohttp.ClientTimeout(
+            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=None
+        )
+    return aiohttp.ClientTimeout(
+        total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
+    )
 
 
 async def pass_through(
@@ -186,7 +191,7 @@ async def _forward(
     call = bare_call(request, ident, body, session)
     url = upstream_url(ident.tool.upstream, call.path, call.query_string)
     try:
-        upstream = await deps.session.request(
+        upstream = await deps.pools.session(ident.tool_name).request(
             request.method,
             url,
             headers=upstream_headers(call, None),
