@@ -91,14 +91,15 @@ async def test_a_missing_method_header_is_refused_under_2026_07_28(
 
 def test_a_legacy_request_with_a_lying_method_header_is_refused() -> None:
     from proxy.mcp import jsonrpc
+    from proxy.mcp.headers import header_mismatch
 
     message = jsonrpc.parse_message(
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}}
     )
-    assert jsonrpc.header_mismatch(message, {"Mcp-Method": "tools/list"}) is not None
-    assert jsonrpc.header_mismatch(message, {"Mcp-Name": "other"}) is not None
-    assert jsonrpc.header_mismatch(message, {}) is None
-    assert jsonrpc.header_mismatch(message, {"Mcp-Name": "=?base64?ZWNobw==?="}) is None
+    assert header_mismatch(message, {"Mcp-Method": "tools/list"}) is not None
+    assert header_mismatch(message, {"Mcp-Name": "other"}) is not None
+    assert header_mismatch(message, {}) is None
+    assert header_mismatch(message, {"Mcp-Name": "=?base64?ZWNobw==?="}) is None
 
 
 async def test_agreeing_headers_pass_and_the_tool_runs(

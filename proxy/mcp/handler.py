@@ -34,6 +34,7 @@ from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
+from proxy.mcp.headers import HEADER_MISMATCH, header_mismatch
 from proxy.mcp.inflight import in_flight, settle_on_response
 from proxy.mcp.relay import (
     SKIP_AUTO_HEADERS,
@@ -69,10 +70,10 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         return json_response(*render_invalid(err, ident.trace_id))
     first = parsed.messages[0]
     if not parsed.batch and first.method is not None:
-        mismatch = jsonrpc.header_mismatch(first, request.headers)
+        mismatch = header_mismatch(first, request.headers)
         if mismatch is not None:
             ident.span.set_attribute("handrail.error.code", "bad_request")
-            refusal = jsonrpc.JsonRpcError(jsonrpc.HEADER_MISMATCH, mismatch, first.id)
+            refusal = jsonrpc.JsonRpcError(HEADER_MISMATCH, mismatch, first.id)
             return json_response(*render_invalid(refusal, ident.trace_id))
         ident.span.set_attribute(MCP_METHOD_NAME, first.method)
         if first.id is not None:

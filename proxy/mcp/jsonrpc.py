@@ -9,11 +9,8 @@ id while copying every other member's bytes as they were.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -422,53 +419,3 @@ def response_kind(obj: dict[str, Any]) -> ResponseKind:
     if isinstance(result, dict) and result.get("resultType") == "input_required":
         return ResponseKind.INTERIM
     return ResponseKind.RESULT
-
-
-HEADER_MISMATCH = -32020
-"""2026-07-28: a routing header that disagrees with the body it travels with."""
-PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
-NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-"""Methods whose ``Mcp-Name`` header mirrors a body parameter, and which one."""
-_B64_HEADER = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
-
-
-def decode_header_value(value: str | None) -> str | None:
-    """``=?base64?...?=`` decoded (canonical base64, UTF-8), else the value; None if bad."""
-    if value is None:
-        return None
-    match = _B64_HEADER.fullmatch(value)
-    if match is None:
-        return value
-    payload = match.group("payload")
-    try:
-        decoded = base64.b64decode(payload, validate=True)
-        if base64.b64encode(decoded).decode("ascii") != payload:
-            return None
-        return decoded.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
-def header_mismatch(message: Message, headers: Mapping[str, str]) -> str | None:
-    """Why ``Mcp-Method`` / ``Mcp-Name`` / ``MCP-Protocol-Version`` disagree with the body,
-    or None. A server or a router may act on the headers: the proxy decides on the body, so
-    the two must say the same. Required under 2026-07-28 (the ``_meta`` envelope); checked
-    whenever present otherwise."""
-    meta = message.params.get("_meta")
-    version = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
-    modern = version is not None
-    method_header = headers.get("Mcp-Method")
-    if modern:
-        if headers.get("MCP-Protocol-Version") != version:
-            return "the MCP-Protocol-Version header does not match params._meta's protocol version"
-        if method_header is None:
-            return "the Mcp-Method header is missing"
-    if method_header is not None and method_header != message.method:
-        return "the Mcp-Method header does not match the request body's method"
-    key = NAME_PARAMS.get(message.method or "")
-    name_header = headers.get("Mcp-Name")
-    if key is not None and (modern or name_header is not None):
-        body_value = message.params.get(key)
-        if body_value is not None and decode_header_value(name_header) != body_value:
-            return f"the Mcp-Name header does not match the request body's {key!r} parameter"
-    return None
