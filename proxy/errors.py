@@ -8,6 +8,7 @@
     ├── PolicyDenied                   403 policy_denied
     ├── ApprovalPending                403 approval_pending
     ├── UnknownTool                    404 unknown_tool
+    ├── RequestTimeout                 408 request_timeout
     ├── IdempotencyKeyInUse            409 idempotency_key_in_use
     ├── OutcomeUnknown                 409 outcome_unknown
     ├── PayloadTooLarge                413 payload_too_large
@@ -83,6 +84,12 @@ class ApprovalPending(HandrailError):
 
 class UnknownTool(HandrailError):
     status, code = 404, "unknown_tool"
+
+
+class RequestTimeout(HandrailError):
+    """The agent did not send its request's body in time."""
+
+    status, code = 408, "request_timeout"
 
 
 class IdempotencyKeyInUse(HandrailError):

@@ -34,3 +34,43 @@ async def test_open_event_streams_of_one_tool_do_not_starve_another(
     for each in streams:
         each.close()
     await asyncio.sleep(0)
+
+
+async def test_a_request_head_sent_too_slowly_is_cut_off(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(
+        {"crm": {"upstream": str(server.make_url(""))}}, listen={"read_timeout_s": 0.5}
+    )
+    held = []
+    for _ in range(20):  # slowloris: heads that never end
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(f"GET /tools/crm/x HTTP/1.1\r\nHost: {proxy.host}\r\nX-A: ".encode())
+        held.append((reader, writer))
+    await asyncio.sleep(1.5)
+    for reader, writer in held:
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the proxy
+        writer.close()
+    assert (await proxy.get("/tools/crm/ok")).status == 200  # the proxy still serves
+    assert seen.count("/x") == 0
+
+
+async def test_a_body_sent_too_slowly_is_refused_and_never_reaches_the_tool(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory
+) -> None:
+    server, seen = tool
+    proxy = await make_proxy(
+        {"crm": {"upstream": str(server.make_url(""))}}, listen={"read_timeout_s": 0.5}
+    )
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        f"POST /tools/crm/x HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json"
+        "\r\nContent-Length: 100\r\n\r\n{\"a\":".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    body = await asyncio.wait_for(reader.read(200), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"request_timeout" in body
+    assert seen.count() == 0

@@ -16,6 +16,7 @@ from proxy.http.admin import build_admin_app
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import add_traceresponse, error_middleware, host_guard
 from proxy.http.routes import handle_tool
+from proxy.ingress.request import READ_TIMEOUT_S
 from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
 from proxy.mcp.inflight import MCP_IN_FLIGHT, McpInFlight
 from proxy.metrics import Metrics
@@ -42,9 +43,13 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
     app = web.Application(
         middlewares=[error_middleware, host_guard(config.listen.hosts())],
         client_max_size=largest + 1,
+        # aiohttp closes a connection that has not sent a whole request head within its
+        # keep-alive timeout (from the connection's start, and between requests).
+        handler_args={"keepalive_timeout": config.listen.read_timeout_s},
     )
     metrics = Metrics()
     app[CONFIG] = config
+    app[READ_TIMEOUT_S] = config.listen.read_timeout_s
     app[METRICS] = metrics
     app[MCP_CATALOG] = ToolCatalog()
     app[MCP_IN_FLIGHT] = McpInFlight()

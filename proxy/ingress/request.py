@@ -3,6 +3,7 @@ body within their limits, and the ``Call`` made of them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from opentelemetry.trace import Span
 
 from proxy.call import Call, McpCall, Reply
 from proxy.config import Config, ToolConfig
-from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from proxy.ingress.canonical import canonical_path
 from proxy.store.keys import parse_key_header
 
@@ -27,6 +28,8 @@ METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Overrid
 """Headers some frameworks read as the real method: the policy would decide another one."""
 
 BODY = web.RequestKey("body", bytes)
+READ_TIMEOUT_S = web.AppKey("read_timeout_s", float)
+"""``listen.read_timeout_s``, on the data-plane app."""
 """A body read before the call's span started (MCP ``_meta`` trace context)."""
 
 
@@ -71,7 +74,8 @@ def _query_string(request: web.Request) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over ``limit``."""
+    """The request body, refused with 413 as soon as it is known to be over ``limit``, and
+    with 408 if it does not arrive within the listener's ``read_timeout_s``."""
     if BODY in request:
         return request[BODY]
     if request.content_length is not None and request.content_length > limit:
@@ -80,11 +84,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return b""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(request.app[READ_TIMEOUT_S]):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"the request body is over this tool's limit of {limit} bytes"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {request.app[READ_TIMEOUT_S]:g}s"
+        ) from None
     return b"".join(chunks)
 
 
