@@ -1,0 +1,40 @@
+"""Every config example in the docs is valid: it parses as YAML and loads as a config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", "RELIABILITY.md", "SECURITY.md", "policies/README.md"]
+ENV = {"HANDRAIL_ADMIN_TOKEN": "t", "CRM_TOKEN": "c"}
+
+
+def _blocks() -> list[tuple[str, str]]:
+    found = []
+    for name in DOCS:
+        text = (ROOT / name).read_text()
+        for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", text, re.S)):
+            found.append((f"{name}#{i}", block))
+    return found
+
+
+@pytest.mark.parametrize(("where", "block"), _blocks(), ids=[w for w, _ in _blocks()])
+def test_a_config_example_in_the_docs_loads(
+    where: str, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    parse_config(yaml.safe_load(block), where)
+
+
+def test_the_sidecar_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = ROOT / "deploy" / "handrail.yaml"
+    parse_config(yaml.safe_load(path.read_text()), str(path))
