@@ -82,6 +82,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
     if not request.body_exists:
         return b""
+    if request.content.is_eof():  # all of it came with the head: nothing to wait for
+        data = await request.content.read()
+        if len(data) > limit:
+            raise PayloadTooLarge(f"the request body is over this tool's limit of {limit} bytes")
+        return data
     chunks: list[bytes] = []
     size = 0
     try:
