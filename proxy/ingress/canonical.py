@@ -115,9 +115,15 @@ def strict_loads(text: str | bytes) -> Any:
         )
     except RecursionError:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if len(text) > MAX_JSON_DEPTH:
+    if _brackets(text) > MAX_JSON_DEPTH:  # fewer cannot nest deeper: most bodies skip the walk
         check_depth(value)
     return value
+
+
+def _brackets(text: str | bytes) -> int:
+    if isinstance(text, bytes):
+        return text.count(b"{") + text.count(b"[")
+    return text.count("{") + text.count("[")
 
 
 def check_depth(value: Any, limit: int = MAX_JSON_DEPTH, nodes: int = MAX_JSON_NODES) -> None:
