@@ -110,6 +110,8 @@ class ToolConfig(_Model):
     events (progress and server requests reset it)."""
     max_duration_s: float | None = Field(None, gt=0)
     """mcp: an optional deadline on a whole tools/call answer, however lively."""
+    sensitive: bool = False
+    """Its kept answers are sealed at rest (AES-GCM, ``store.encryption_key``)."""
     max_connections: int = Field(256, ge=1, le=100_000)
     """Connections to this tool at once, its own pool: one tool's load or idle MCP event
     streams cannot starve another tool. A call waits up to ``timeout_s`` for one."""
@@ -177,6 +179,21 @@ class ApprovalsConfig(_Model):
 
 class StoreConfig(_Model):
     url: str = "sqlite:///.handrail/handrail.db"
+    encryption_key: str | None = None
+    """Base64 of 32 bytes: seals the kept answers of tools marked ``sensitive``."""
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _key_or_none(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from proxy.store.sealed import parse_key
+
+        try:
+            parse_key(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @field_validator("url")
     @classmethod
@@ -224,6 +241,16 @@ class Config(_Model):
     approvals: ApprovalsConfig = ApprovalsConfig()
     store: StoreConfig = StoreConfig()
     tracing: TracingConfig = TracingConfig()
+
+    @model_validator(mode="after")
+    def _sensitive_needs_a_key(self) -> Config:
+        sealed = [name for name, tool in self.tools.items() if tool.sensitive]
+        if sealed and self.store.encryption_key is None:
+            raise ValueError(
+                f"tools {', '.join(sealed)} are sensitive: set store.encryption_key "
+                "(openssl rand -base64 32) so their stored answers are sealed"
+            )
+        return self
 
     @field_validator("tools")
     @classmethod

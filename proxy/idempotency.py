@@ -36,6 +36,7 @@ from proxy.call import (
     StoredResponse,
     UnknownReason,
 )
+from proxy.config import ToolConfig
 from proxy.deps import Deps
 from proxy.errors import (
     HandrailError,
@@ -46,9 +47,12 @@ from proxy.errors import (
     ResponseNotReplayable,
 )
 from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
+from proxy.store.sealed import is_sealed, seal, unseal
 
 logger = logging.getLogger(__name__)
 
+_PLAIN = ToolConfig(upstream="http://127.0.0.1")
+"""Settings of a tool no longer configured (a late settle after a reload): not sensitive."""
 REPLAYED_HEADERS_DROP = frozenset({"date", "server", "content-length", "transfer-encoding"})
 SETTLE_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Waits before each new attempt at a settle the store refused (about 16 s in all)."""
@@ -216,6 +220,8 @@ async def claim_key(call: Call, deps: Deps, claiming: Claiming | None) -> None:
             reason=reason.value,
         )
     stored = claim.response
+    if stored is not None and is_sealed(stored):
+        stored = unseal(stored, deps.config.store.encryption_key, call.tool_name, key or "")
     if stored is None or not stored.complete:
         raise ResponseNotReplayable(
             f"the call with Idempotency-Key {key!r} already ran, but its response was too "
@@ -330,7 +336,11 @@ async def _settle_or_retry(call: Call, deps: Deps, owner: str, settle: Settlemen
 async def _apply(deps: Deps, tool: str, key: str, owner: str, settle: Settlement) -> None:
     if settle.action == "complete":
         assert settle.response is not None
-        await deps.store.complete(tool, key, owner, settle.response)
+        response = settle.response
+        secret = deps.config.store.encryption_key
+        if secret is not None and deps.config.tools.get(tool, _PLAIN).sensitive:
+            response = seal(response, secret, tool, key)
+        await deps.store.complete(tool, key, owner, response)
     elif settle.action == "release":
         await deps.store.release(tool, key, owner)
     else:

@@ -120,3 +120,54 @@ def test_other_forms_of_a_tool_credential_are_not_recorded() -> None:
     redactor = Redactor.build(["authorization"], [HEADER])
     for form in _forms_of(TOKEN):
         assert form.decode() not in redactor.text(f"x {form.decode()} y")
+
+
+# Stored answers of sensitive tools are sealed at rest
+
+STORE_KEY = base64.b64encode(b"k" * 32).decode()
+
+
+async def test_a_sensitive_tools_answer_is_sealed_at_rest_and_replayed_in_clear(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory, tmp_path: Any
+) -> None:
+    import sqlite3
+
+    server, seen = tool
+    proxy = await make_proxy(
+        {"vault": {"upstream": str(server.make_url("")), "sensitive": True}},
+        store={"url": f"sqlite:///{tmp_path}/sealed.db", "encryption_key": STORE_KEY},
+    )
+    headers = {"Idempotency-Key": "k-sealed", "Content-Type": "application/json"}
+    body = json.dumps({"ssn": "078-05-1120"})
+    first = await proxy.post("/tools/vault/records", data=body, headers=headers)
+    text = await first.text()
+    retry = await proxy.post("/tools/vault/records", data=body, headers=headers)
+
+    assert first.status == 200 and "078-05-1120" in text
+    assert retry.headers.get("Idempotent-Replayed") == "true"
+    assert await retry.text() == text and "X-Handrail-Sealed" not in retry.headers
+    assert seen.count() == 1
+    with sqlite3.connect(tmp_path / "sealed.db") as db:
+        stored = db.execute("SELECT body, headers FROM handrail_idempotency").fetchall()
+    assert stored and b"078-05-1120" not in stored[0][0] and "fake" not in stored[0][1]
+
+
+def test_a_sensitive_tool_without_a_store_key_is_a_config_error() -> None:
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="encryption_key"):
+        parse_config({"tools": {"vault": {"upstream": "http://x", "sensitive": True}}})
+    with pytest.raises(ConfigError, match="32 bytes"):
+        parse_config({"store": {"encryption_key": base64.b64encode(b"short").decode()}})
+
+
+def test_a_sealed_answer_cannot_be_opened_under_another_key() -> None:
+    from proxy.call import StoredResponse
+    from proxy.errors import StoreUnavailable
+    from proxy.store.sealed import seal, unseal
+
+    sealed = seal(StoredResponse(200, (("A", "b"),), b"secret"), STORE_KEY, "vault", "k1")
+    assert unseal(sealed, STORE_KEY, "vault", "k1").body == b"secret"
+    with pytest.raises(StoreUnavailable):
+        unseal(sealed, STORE_KEY, "vault", "k2")
