@@ -112,3 +112,42 @@ async def test_agreeing_headers_pass_and_the_tool_runs(
     assert answer.status == 200, body
     assert "hi" in body
     assert mcp_server.executions["echo"] == 1
+
+
+@pytest.fixture
+async def shipped_proxy(make_proxy: ProxyFactory, mcp_server: McpServer) -> TestClient:
+    from proxy.config import shipped_policies
+
+    return await make_proxy(
+        {"mcp": {"upstream": mcp_server.url, "kind": "mcp", "timeout_s": 10}},
+        policy={"path": str(shipped_policies()), "watch": False},
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "runs", "reason"),
+    [
+        ("delete_everything", {}, 0, "is marked destructive"),
+        ("send_email", {"to": "a@example.com", "body": "hi"}, 1, None),
+    ],
+)
+async def test_a_2026_call_gets_its_annotations_without_a_listing_first(
+    shipped_proxy: TestClient,
+    mcp_server: McpServer,
+    tool: str,
+    arguments: dict[str, Any],
+    runs: int,
+    reason: str | None,
+) -> None:
+    """No tools/list passed by yet: Handrail lists the tools itself, in the agent's revision,
+    so the policy decides on the server's annotations, not on 'unknown'."""
+    answer = await shipped_proxy.post(
+        "/tools/mcp",
+        data=json.dumps(call(tool, arguments)),
+        headers=headers(**{"Mcp-Name": tool, "X-Agent-Id": "sales-bot"}),
+    )
+    text = await answer.text()
+    assert answer.status == 200, text
+    assert mcp_server.executions[tool] == runs
+    if reason is not None:
+        assert reason in text and "unknown annotations" not in text

@@ -34,7 +34,13 @@ from proxy.ingress.reply import AgentStream, note_gone
 from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
 from proxy.mcp import jsonrpc
 from proxy.mcp.annotations import Annotations, catalog
-from proxy.mcp.headers import HEADER_MISMATCH, header_mismatch
+from proxy.mcp.headers import (
+    CLIENT_CAPABILITIES_META,
+    CLIENT_INFO_META,
+    HEADER_MISMATCH,
+    PROTOCOL_VERSION_META,
+    header_mismatch,
+)
 from proxy.mcp.inflight import in_flight, settle_on_response
 from proxy.mcp.relay import (
     SKIP_AUTO_HEADERS,
@@ -125,7 +131,7 @@ async def _tools_call(
         )
         return json_response(*render_invalid(err, ident.trace_id))
     link_meta_context(ident.span, params)
-    annotations = await _annotations(request, deps, ident, name, session)
+    annotations = await _annotations(request, deps, ident, name, session, params.get("_meta"))
     reply = McpReply(request, capture_limit(deps.config), message.id)
     call = new_call(
         request,
@@ -292,13 +298,18 @@ def _header(headers: list[tuple[str, str]], name: str) -> str:
 
 
 async def _annotations(
-    request: web.Request, deps: Deps, ident: Identity, name: str, session: str | None
+    request: web.Request,
+    deps: Deps,
+    ident: Identity,
+    name: str,
+    session: str | None,
+    meta: Any,
 ) -> Annotations | None:
     cat = catalog(request)
     known, annotations = cat.lookup(ident.tool_name, session, name)
     if known:
         return annotations
-    tools = await _list_tools(request, deps, ident, session)
+    tools = await _list_tools(request, deps, ident, session, meta)
     if tools is None:
         return None
     cat.remember(ident.tool_name, session, tools)
@@ -308,10 +319,24 @@ async def _annotations(
     return annotations
 
 
+def _list_envelope(meta: Any) -> dict[str, Any] | None:
+    """2026-07-28: a tools/list of our own carries the agent's protocol envelope."""
+    if not isinstance(meta, dict) or PROTOCOL_VERSION_META not in meta:
+        return None
+    envelope = {PROTOCOL_VERSION_META: meta[PROTOCOL_VERSION_META]}
+    for key in (CLIENT_CAPABILITIES_META, CLIENT_INFO_META):
+        if key in meta:
+            envelope[key] = meta[key]
+    envelope.setdefault(CLIENT_CAPABILITIES_META, {})
+    return envelope
+
+
 async def _list_tools(
-    request: web.Request, deps: Deps, ident: Identity, session: str | None
+    request: web.Request, deps: Deps, ident: Identity, session: str | None, meta: Any
 ) -> list[dict[str, Any]] | None:
-    """Ask the server for its tools in the agent's session; ``None`` when that fails."""
+    """Ask the server for its tools in the agent's session (2026-07-28: with the agent's
+    protocol envelope and the routing headers of a tools/list); ``None`` when that fails."""
+    envelope = _list_envelope(meta)
     call = bare_call(request, ident, b"", session)
     call.idempotency_key = None
     url = upstream_url(ident.tool.upstream, call.path, call.query_string)
@@ -322,11 +347,22 @@ async def _list_tools(
         headers = upstream_headers(call, span)
         headers["Content-Type"] = "application/json"
         headers["Accept"] = "application/json, text/event-stream"
+        headers.popall("Mcp-Name", None)  # the agent's call named a tool; a listing names none
+        if envelope is not None:
+            headers["Mcp-Method"] = "tools/list"
+            headers["MCP-Protocol-Version"] = str(envelope[PROTOCOL_VERSION_META])
+        else:
+            headers.popall("Mcp-Method", None)
         for _ in range(MAX_LIST_PAGES):
             request_id = f"handrail-{uuid.uuid4().hex}"
             message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"}
+            params: dict[str, Any] = {}
             if cursor:
-                message["params"] = {"cursor": cursor}
+                params["cursor"] = cursor
+            if envelope is not None:
+                params["_meta"] = envelope
+            if params:
+                message["params"] = params
             try:
                 async with deps.pools.session(ident.tool_name).post(
                     url,

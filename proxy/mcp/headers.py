@@ -13,6 +13,8 @@ from proxy.mcp.jsonrpc import Message
 HEADER_MISMATCH = -32020
 """2026-07-28: a routing header that disagrees with the body it travels with."""
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
+CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
 NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 """Methods whose ``Mcp-Name`` header mirrors a body parameter, and which one."""
 _B64_HEADER = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
