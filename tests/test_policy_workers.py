@@ -274,3 +274,19 @@ async def test_hung_worker_is_503_within_the_bound_and_the_tool_is_not_called(
     assert "took longer than 1 s" in (await resp.json())["error"]["message"]
     assert loop.time() - begun < 2.0
     assert seen.count() == 0
+
+
+async def test_calls_queued_behind_a_hung_one_are_decided_by_another_worker(
+    tmp_path: Path,
+) -> None:
+    engine = await started(policy_path(tmp_path, SLOW), workers=2, timeout_s=0.5)
+    try:
+        hung = asyncio.ensure_future(engine.decide(doc(agent={"id": "slow"})))
+        await asyncio.sleep(0.05)
+        bystanders = [asyncio.ensure_future(engine.decide(doc())) for _ in range(8)]
+        with pytest.raises(PolicyUnavailable, match="took longer"):
+            await hung
+        decisions = await asyncio.gather(*bystanders)
+    finally:
+        await engine.close()
+    assert all(d.allow for d in decisions)

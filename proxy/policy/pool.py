@@ -6,8 +6,9 @@ its share of one pipe write (the frames queued in one turn of the loop go out to
 a busy proxy wakes each worker once per turn, not once per call) and of one read callback
 (a ``SubprocessProtocol``, no stream coroutines): evaluation never holds the proxy's GIL,
 and a crash in rego-cpp ends a worker, not the proxy. A worker that dies or overruns a
-call's deadline fails everything it had in flight with ``PolicyUnavailable`` (fail closed)
-and is restarted with backoff.
+call's deadline fails the call it was evaluating with ``PolicyUnavailable`` (fail closed)
+and is restarted with backoff; the calls queued behind that one are tried once on another
+worker, so one slow or crashing evaluation does not fail its bystanders.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ HEALTHY_AFTER_S = 10.0
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _OPS = {"decision": DECISION, "visible": VISIBLE}
 _Pending = tuple[int, "asyncio.Future[tuple[int, bytes]]", float]
+
+
+class WorkerLost(PolicyUnavailable):
+    """A call's worker died or overran another call's deadline before evaluating it."""
 
 
 def _exit_text(code: int | None) -> str:
@@ -189,7 +194,8 @@ class _WorkerProcess(asyncio.SubprocessProtocol):
             self._timer = self.loop.call_at(soonest, self._check_deadlines)
             return
         # The worker runs requests in order and cannot be interrupted: the overdue call
-        # gets the timeout, the rest of its queue fails with it, and the worker is replaced.
+        # gets the timeout, the worker is replaced, and the calls queued behind it are
+        # bystanders (``WorkerLost``), which the pool sends to another worker.
         for _, future, deadline in self.pending:
             if deadline <= now and not future.done():
                 future.set_exception(
@@ -198,16 +204,21 @@ class _WorkerProcess(asyncio.SubprocessProtocol):
         self.kill(f"policy worker {self.name} overran a deadline; restarting it")
 
     def _fail_all(self, why: str) -> None:
+        """The worker is gone: the call it was evaluating (the first still pending) fails
+        with it; the ones queued behind it did nothing wrong and may be tried elsewhere."""
         if self.alive:
             self.alive = False
             self.on_down(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        culprit = True
         while self.pending:
             _, future, _ = self.pending.popleft()
-            if not future.done():
-                future.set_exception(PolicyUnavailable(why))
+            if future.done():
+                continue
+            future.set_exception(PolicyUnavailable(why) if culprit else WorkerLost(why))
+            culprit = False
 
     def kill(self, why: str) -> None:
         if self.alive:
@@ -358,7 +369,15 @@ class WorkerPool:
         if not live:
             raise PolicyUnavailable("no policy worker is running (restarting)")
         worker = live[0] if len(live) == 1 else min(live, key=_in_flight)
-        status, answer = await worker.send(_OPS[rule], body, self.timeout_s)
+        try:
+            status, answer = await worker.send(_OPS[rule], body, self.timeout_s)
+        except WorkerLost:
+            # Another call broke the worker this one was queued on: once more, elsewhere.
+            others = [w for w in self._live if w is not worker]
+            if not others:
+                raise
+            retry = min(others, key=_in_flight)
+            status, answer = await retry.send(_OPS[rule], body, self.timeout_s)
         if status == DEFINED:
             return True, json.loads(answer.decode())
         if status == UNDEFINED:
