@@ -112,6 +112,8 @@ class ToolConfig(_Model):
     """mcp: an optional deadline on a whole tools/call answer, however lively."""
     sensitive: bool = False
     """Its kept answers are sealed at rest (AES-GCM, ``store.encryption_key``)."""
+    max_streams_per_agent: int = Field(8, ge=1, le=10_000)
+    """mcp: GET event streams one agent may hold open to this tool at once (429 past it)."""
     max_connections: int = Field(256, ge=1, le=100_000)
     """Connections to this tool at once, its own pool: one tool's load or idle MCP event
     streams cannot starve another tool. A call waits up to ``timeout_s`` for one."""

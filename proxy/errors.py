@@ -14,6 +14,7 @@
     ├── PayloadTooLarge                413 payload_too_large
     ├── MisdirectedRequest             421 misdirected_request
     ├── IdempotencyKeyReused           422 idempotency_key_reused
+    ├── TooManyStreams                 429 too_many_streams
     ├── ResponseNotReplayable          409 response_not_replayable
     ├── UpstreamUnavailable            502 upstream_unavailable
     ├── ResultBlocked                  502 result_blocked
@@ -114,6 +115,12 @@ class PayloadTooLarge(HandrailError):
 
 class IdempotencyKeyReused(HandrailError):
     status, code = 422, "idempotency_key_reused"
+
+
+class TooManyStreams(HandrailError):
+    """An agent holds as many event streams to a tool as it may."""
+
+    status, code = 429, "too_many_streams"
 
 
 class UpstreamUnavailable(HandrailError):

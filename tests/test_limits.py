@@ -66,7 +66,7 @@ async def test_a_body_sent_too_slowly_is_refused_and_never_reaches_the_tool(
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(
         f"POST /tools/crm/x HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Type: application/json"
-        "\r\nContent-Length: 100\r\n\r\n{\"a\":".encode()
+        '\r\nContent-Length: 100\r\n\r\n{"a":'.encode()
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     body = await asyncio.wait_for(reader.read(200), 5)
@@ -74,3 +74,34 @@ async def test_a_body_sent_too_slowly_is_refused_and_never_reaches_the_tool(
     assert head.startswith(b"HTTP/1.1 408")
     assert b"request_timeout" in body
     assert seen.count() == 0
+
+
+async def test_an_agent_may_hold_only_so_many_event_streams(
+    tool: tuple[Any, Seen], make_proxy: ProxyFactory
+) -> None:
+    server, _ = tool
+    proxy = await make_proxy(
+        {
+            "events": {
+                "upstream": str(server.make_url("")),
+                "kind": "mcp",
+                "max_streams_per_agent": 2,
+            }
+        }
+    )
+    mine = {"X-Agent-Id": "greedy"}
+    held = [await proxy.get(f"/tools/events/s{i}{STREAM}", headers=mine) for i in range(2)]
+    assert [h.status for h in held] == [200, 200]
+
+    refused = await proxy.get(f"/tools/events/s3{STREAM}", headers=mine)
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "too_many_streams"
+    other = await proxy.get(f"/tools/events/s4{STREAM}", headers={"X-Agent-Id": "polite"})
+    assert other.status == 200
+
+    held[0].close()
+    await asyncio.sleep(0.3)  # the proxy notices the stream is gone
+    again = await proxy.get(f"/tools/events/s5{STREAM}", headers=mine)
+    assert again.status == 200
+    for each in (held[1], other, again):
+        each.close()

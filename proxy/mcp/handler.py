@@ -66,7 +66,10 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         ident.span.set_attribute(MCP_SESSION_ID, session)
     if request.method != "POST":
         ident.span.update_name(f"{request.method} {ident.tool_name}")
-        return await pass_through(request, deps, ident, b"", None, session)
+        if request.method != "GET":
+            return await pass_through(request, deps, ident, b"", None, session)
+        with in_flight(request).stream(ident.tool_name, ident.agent_id, ident.tool):
+            return await pass_through(request, deps, ident, b"", None, session)
     body = await read_body(request, ident.tool.max_body_bytes)
     try:
         parsed = jsonrpc.parse_body(body)

@@ -10,13 +10,17 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from proxy.call import Call, Outcome, UnknownReason
+from proxy.config import ToolConfig
+from proxy.errors import TooManyStreams
 from proxy.mcp import jsonrpc
 
 MAX_REMEMBERED = 4096
@@ -38,6 +42,25 @@ class McpInFlight:
         self._cancelled: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
         self._unanswered: OrderedDict[Key, Unanswered] = OrderedDict()
         self._limit = limit
+        self._streams: Counter[tuple[str, str]] = Counter()
+
+    @contextmanager
+    def stream(self, tool: str, agent: str, config: ToolConfig) -> Iterator[None]:
+        """One open GET event stream of ``agent`` to ``tool``: at most
+        ``max_streams_per_agent`` at once (each holds one of the tool's connections)."""
+        key = (tool, agent)
+        if self._streams[key] >= config.max_streams_per_agent:
+            raise TooManyStreams(
+                f"agent {agent or '(anonymous)'} already has {self._streams[key]} event "
+                f"streams open to {tool!r} (max_streams_per_agent); close one first"
+            )
+        self._streams[key] += 1
+        try:
+            yield
+        finally:
+            self._streams[key] -= 1
+            if not self._streams[key]:
+                del self._streams[key]
 
     def note_cancel(self, tool: str, agent: str, session: str | None, request_id: Any) -> None:
         self._cancelled[(tool, agent, session or "", repr(request_id))] = None
