@@ -311,3 +311,49 @@ def test_a_deep_answer_is_still_recorded_redacted() -> None:
     deep = b'{"password": "hunter2", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     text = capture_body(deep, Redactor.build(["password"]), 16384)
     assert text and "hunter2" not in text
+
+
+SIZE_POLICY = """package handrail
+
+import rego.v1
+
+default allow := false
+
+allow if {
+	input.request.body_size <= 64
+	input.request.content_type == "application/json"
+}
+
+decision := {"allow": allow, "reasons": [r | not allow; r := "raw body facts"], "require_approval": false}
+
+visible := true
+"""
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"Content-Type": "application/json"}, b'{"a": 1}', 200),
+        ({"Content-Type": "application/json"}, b'{"a": "' + b"x" * 100 + b'"}', 403),
+        ({"Content-Type": "text/plain"}, b'{"a": 1}', 403),
+    ],
+)
+async def test_the_policy_sees_the_raw_bodys_facts(
+    tool: tuple[Any, Seen],
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+) -> None:
+    server, seen = tool
+    policies = tmp_path / "size"
+    policies.mkdir()
+    (policies / "p.rego").write_text(SIZE_POLICY)
+    proxy = await make_proxy(
+        {"crm": {"upstream": str(server.make_url(""))}},
+        policy={"path": str(policies), "watch": False},
+    )
+    answer = await proxy.post("/tools/crm/x", data=body, headers={**AGENT, **headers})
+    assert answer.status == status
+    assert seen.count() == (1 if status == 200 else 0)

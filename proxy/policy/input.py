@@ -62,6 +62,13 @@ def rfc3339(seconds: float) -> str:
     return text
 
 
+def _content_type(headers: list[tuple[str, str]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.strip()
+    return None
+
+
 @lru_cache(maxsize=256)
 def _lowered_names(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(n.lower() for n in names)
@@ -84,6 +91,9 @@ def policy_input(
         tool_headers = _lowered_names(tuple(call.tool.headers))
         request["headers"] = visible_headers(call.headers, tool_headers, redact)
     request["body"] = call.json_body
+    # The raw body's facts beside the parsed one: what it was sent as, and how large.
+    request["content_type"] = _content_type(call.headers)
+    request["body_size"] = len(call.body)
     return {
         "version": INPUT_VERSION,
         "tool": {"name": call.tool_name, "kind": call.tool.kind},
