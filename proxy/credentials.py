@@ -54,10 +54,45 @@ def secret_forms(values: Iterable[str], min_len: int = MIN_SECRET_LEN) -> tuple[
 
 
 def scrub(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    """A whole answer scrubbed: every form replaced; and a JSON answer that spells a value
+    in ``\\u`` escapes (which no byte form matches) is read, scrubbed and written again."""
     for form in forms:
         if form in data:
             data = data.replace(form, REDACTED)
+    if b"\\u" in data:
+        data = _scrub_escaped_json(data, forms)
     return data
+
+
+def _scrub_escaped_json(data: bytes, forms: tuple[bytes, ...]) -> bytes:
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    plain = [f.decode("utf-8", "replace") for f in forms]
+    found = False
+
+    def clean(value: object) -> object:
+        nonlocal found
+        if isinstance(value, str):
+            for form in plain:
+                if form in value:
+                    value = value.replace(form, REDACTED.decode())
+                    found = True
+            return value
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    try:
+        cleaned = clean(document)
+    except RecursionError:
+        return data
+    if not found:
+        return data
+    return json.dumps(cleaned, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class StreamScrubber:

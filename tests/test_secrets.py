@@ -171,3 +171,12 @@ def test_a_sealed_answer_cannot_be_opened_under_another_key() -> None:
     assert unseal(sealed, STORE_KEY, "vault", "k1").body == b"secret"
     with pytest.raises(StoreUnavailable):
         unseal(sealed, STORE_KEY, "vault", "k2")
+
+
+def test_a_credential_spelled_in_json_escapes_is_scrubbed() -> None:
+    forms = secret_forms(secret_values([HEADER]))
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    body = ('{"leak": "' + escaped + '", "ok": 1}').encode()
+    out = scrub(body, forms)
+    assert json.loads(out)["leak"] == "[REDACTED]" and json.loads(out)["ok"] == 1
+    assert TOKEN not in json.loads(out)["leak"]
