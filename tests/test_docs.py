@@ -38,3 +38,30 @@ def test_the_sidecar_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
     path = ROOT / "deploy" / "handrail.yaml"
     parse_config(yaml.safe_load(path.read_text()), str(path))
+
+
+def _rego_examples() -> list[str]:
+    return re.findall(r"```rego\n(.*?)```", (ROOT / "docs" / "policy.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("example", _rego_examples())
+async def test_a_policy_example_in_the_docs_decides_the_documented_input(
+    example: str, tmp_path: Path
+) -> None:
+    """Each example compiles and gives a well-formed decision for the page's input."""
+    import json
+
+    from proxy.policy.embedded import EmbeddedEngine
+
+    document = json.loads(
+        re.findall(r"```json\n(.*?)```", (ROOT / "docs" / "policy.md").read_text(), re.S)[0]
+    )
+    (tmp_path / "handrail.rego").write_text(example)
+    (tmp_path / "data.json").write_text('{"agents": {"support-bot": {}}}')
+    engine = EmbeddedEngine(tmp_path, "handrail/decision", watch=False, isolation="thread")
+    await engine.start()
+    try:
+        decision = await engine.decide(document)
+    finally:
+        await engine.close()
+    assert isinstance(decision.allow, bool)
