@@ -110,8 +110,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def _load(path: str | None) -> Config:
-    return load_config(path)
+def _load(path: str | None, *, read_only: bool = False) -> Config:
+    """``read_only`` commands (journal, store, policies) need none of the tools' secrets."""
+    return load_config(path, secrets_optional=read_only)
 
 
 def _run_async(coro: object) -> None:
@@ -144,14 +145,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(sys.stdout)
     if args.command == "policy":
-        config = _load(args.config)
+        config = _load(args.config, read_only=True)
         from proxy.policy.commands import policy_eval, policy_test
 
         if args.policy_command == "eval":
             return policy_eval(config, args.input, sys.stdout)
         return policy_test(config, sys.stdout)
     if args.command == "calls":
-        config = _load(args.config)
+        config = _load(args.config, read_only=True)
         from proxy.tracing.commands import calls_command
 
         return calls_command(
@@ -165,7 +166,7 @@ def dispatch(args: argparse.Namespace) -> int:
             out=sys.stdout,
         )
     if args.command == "traces":
-        config = _load(args.config)
+        config = _load(args.config, read_only=True)
         from proxy.tracing.commands import traces_command
 
         return traces_command(
@@ -179,7 +180,7 @@ def dispatch(args: argparse.Namespace) -> int:
             out=sys.stdout,
         )
     if args.command == "keys":
-        config = _load(args.config)
+        config = _load(args.config, read_only=True)
         from proxy.store.commands import keys_command
 
         return keys_command(

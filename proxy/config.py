@@ -263,13 +263,32 @@ class Config(_Model):
         return value
 
 
-def expand_env(value: Any, path: str = "", environ: Mapping[str, str] | None = None) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; a missing VAR is an error."""
+_SECRET_PATH = re.compile(r"^tools\.[^.]+\.headers\.")
+"""Where a tool's credentials live: a reader of the journal or the store needs none of them."""
+
+
+def expand_env(
+    value: Any,
+    path: str = "",
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets_optional: bool = False,
+) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; a missing VAR is an error,
+    except in a tool's ``headers`` when ``secrets_optional`` (read-only commands)."""
     env = os.environ if environ is None else environ
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {
+            k: expand_env(
+                v, f"{path}.{k}" if path else str(k), env, secrets_optional=secrets_optional
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [
+            expand_env(v, f"{path}[{i}]", env, secrets_optional=secrets_optional)
+            for i, v in enumerate(value)
+        ]
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -278,6 +297,8 @@ def expand_env(value: Any, path: str = "", environ: Mapping[str, str] | None = N
                 return env[name]
             if default is not None:
                 return default
+            if secrets_optional and _SECRET_PATH.match(path):
+                return ""
             raise ConfigError(f"{path}: environment variable {name} is not set")
 
         return _ENV_REF.sub(substitute, value)
@@ -294,14 +315,21 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {message}{more}"
 
 
-def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None) -> Config:
-    """Validate an already-parsed YAML document; relative paths resolve against base_dir."""
+def parse_config(
+    raw: Any,
+    source: str = "config",
+    base_dir: Path | None = None,
+    *,
+    secrets_optional: bool = False,
+) -> Config:
+    """Validate an already-parsed YAML document; relative paths (the policies, a SQLite
+    store, the journal's spool) resolve against ``base_dir``, the config file's folder."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     try:
-        config = Config.model_validate(expand_env(raw))
+        config = Config.model_validate(expand_env(raw, secrets_optional=secrets_optional))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}") from None
     except ValidationError as exc:
@@ -309,6 +337,17 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
     if base_dir is not None and not config.policy.path.is_absolute():
         policy = config.policy.model_copy(update={"path": base_dir / config.policy.path})
         config = config.model_copy(update={"policy": policy})
+    store_url = config.store.url
+    if base_dir is not None and store_url.startswith("sqlite:///"):
+        rest = store_url[len("sqlite:///") :]
+        if (
+            rest
+            and not rest.startswith("/")
+            and rest != ":memory:"
+            and not rest.startswith("file:")
+        ):
+            store = config.store.model_copy(update={"url": f"sqlite:///{base_dir / rest}"})
+            config = config.model_copy(update={"store": store})
     spool = config.tracing.journal.spool_dir
     if base_dir is not None and spool is not None and not spool.is_absolute():
         journal = config.tracing.journal.model_copy(update={"spool_dir": base_dir / spool})
@@ -317,8 +356,10 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
     return config
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Load ``handrail.yaml``; ``None`` gives the embedded default."""
+def load_config(path: str | Path | None, *, secrets_optional: bool = False) -> Config:
+    """Load ``handrail.yaml``; ``None`` gives the embedded default. ``secrets_optional``:
+    for commands that only read (the journal, the store, the policies), a tool credential
+    whose variable is not set is left empty instead of stopping them."""
     if path is None:
         return default_config()
     file = Path(path)
@@ -330,7 +371,7 @@ def load_config(path: str | Path | None) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML ({exc})") from None
-    return parse_config(raw, str(file), file.resolve().parent)
+    return parse_config(raw, str(file), file.resolve().parent, secrets_optional=secrets_optional)
 
 
 def shipped_policies() -> Path:

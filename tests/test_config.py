@@ -51,7 +51,7 @@ def write(tmp_path: Path, text: str) -> Path:
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     config = write(tmp_path, text)
-    result = handrail("policy", "test", "-c", str(config))
+    result = handrail("serve", "-c", str(config))  # a bad config stops it before it starts
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("handrail:")]
     assert len(lines) == 1 and named in lines[0], result.stderr
@@ -98,3 +98,32 @@ def test_an_admin_plane_off_loopback_needs_a_token(host: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_an_admin_plane_on_loopback_may_go_without_a_token(host: str) -> None:
     assert parse_config({"admin": {"host": host}}).admin.token is None
+
+
+def test_a_relative_sqlite_store_resolves_against_the_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "handrail.yaml").write_text('store: {url: "sqlite:///state/h.db"}\n')
+    config = load_config(folder / "handrail.yaml")
+    assert config.store.url == f"sqlite:///{folder}/state/h.db"
+
+
+def test_read_only_commands_need_no_tool_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CRM_TOKEN", raising=False)
+    (tmp_path / "handrail.yaml").write_text(
+        "tools:\n  crm:\n    upstream: http://127.0.0.1:9\n"
+        '    headers: {Authorization: "Bearer ${CRM_TOKEN}"}\n'
+    )
+    with pytest.raises(ConfigError, match="CRM_TOKEN"):
+        load_config(tmp_path / "handrail.yaml")
+    assert load_config(tmp_path / "handrail.yaml", secrets_optional=True).tools["crm"]
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "calls", "-c", str(tmp_path / "handrail.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "reading the journal at" in run.stderr and "handrail-journal.db" in run.stderr

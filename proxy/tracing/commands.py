@@ -51,6 +51,17 @@ def parse_since(value: str, now: float | None = None) -> float:
     return moment.timestamp()
 
 
+def journal_location(config: Config) -> str:
+    """Where ``handrail calls`` reads: the SQLite file beside the store's, or PostgreSQL."""
+    url = config.store.url
+    if url.startswith("sqlite:"):
+        from proxy.store import sqlite_path
+        from proxy.tracing.journal_sqlite import journal_path
+
+        return f"at {journal_path(sqlite_path(url))}"
+    return "in the store's PostgreSQL database (table handrail_journal)"
+
+
 def _fail(message: str) -> int:
     print(f"handrail: {message}", file=sys.stderr)
     return 2
@@ -71,6 +82,7 @@ def calls_command(
     out: TextIO,
 ) -> int:
     """List recorded calls from the local journal, oldest first (the newest ``limit``)."""
+    print(f"handrail: reading the journal {journal_location(config)}", file=sys.stderr)
     try:
         query = CallQuery(
             run_id=run,
