@@ -11,7 +11,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config, load_config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, HandrailError
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dispatch(args)
     except ConfigError as exc:
         print(f"handrail: {exc.message}", file=sys.stderr)
+        return 2
+    except HandrailError as exc:  # a backend that would not start: one line, no traceback
+        print(f"handrail: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

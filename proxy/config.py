@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -372,6 +372,15 @@ def load_config(path: str | Path | None, *, secrets_optional: bool = False) -> C
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML ({exc})") from None
     return parse_config(raw, str(file), file.resolve().parent, secrets_optional=secrets_optional)
+
+
+def redact_url(url: str) -> str:
+    """A store URL fit for a log line: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def shipped_policies() -> Path:

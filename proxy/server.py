@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import Config, redact_url
+from proxy.errors import ConfigError
 from proxy.http.app import build_admin_app, build_app
 from proxy.tracing import describe_exporter
 
@@ -37,13 +39,24 @@ class Server:
         self._admin_runner = web.AppRunner(self.admin_app, access_log=None)
 
     async def start(self) -> Listening:
-        await self._runner.setup()
-        await self._admin_runner.setup()
+        """Bind both listeners first, then open the backends: a port in use stops start-up
+        before a store is opened or a policy worker started."""
         listen, admin = self.config.listen, self.config.admin
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
-        admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port, reuse_address=True)
-        await admin_site.start()
+        data_sock = _bind("listen", listen.host, listen.port)
+        try:
+            admin_sock = _bind("admin", admin.host, admin.port)
+        except BaseException:
+            data_sock.close()
+            raise
+        try:
+            await self._runner.setup()
+            await self._admin_runner.setup()
+            await web.SockSite(self._runner, data_sock).start()
+            await web.SockSite(self._admin_runner, admin_sock).start()
+        except BaseException:
+            data_sock.close()
+            admin_sock.close()
+            raise
         return Listening(_url(self._runner), _url(self._admin_runner))
 
     async def stop(self) -> None:
@@ -51,13 +64,21 @@ class Server:
         await self._admin_runner.cleanup()
 
 
-def redact_url(url: str) -> str:
-    """A store URL fit for a log line: any password replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def _bind(key: str, host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            reuse_port=False,
+        )
+    except OSError as exc:
+        why = "is in use (another handrail?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(
+            f"{key}: cannot listen on {host}:{port}: the address {why}; "
+            f"set {key}.port (or --port) to a free port"
+        ) from None
+    sock.setblocking(False)
+    return sock
 
 
 def _url(runner: web.AppRunner) -> str:

@@ -127,3 +127,40 @@ def test_read_only_commands_need_no_tool_secrets(
     )
     assert run.returncode == 0, run.stderr
     assert "reading the journal at" in run.stderr and "handrail-journal.db" in run.stderr
+
+
+def test_a_port_in_use_stops_serve_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write(
+            tmp_path,
+            f"listen: {{port: {port}}}\nadmin: {{port: 0}}\n"
+            f'store: {{url: "sqlite:///{tmp_path}/state/h.db"}}\n',
+        )
+        result = handrail("serve", "-c", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("handrail:")]
+    assert len(lines) == 1 and f"listen: cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert not (tmp_path / "state").exists()  # the store was never opened
+
+
+def test_an_unreachable_store_stops_serve_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    config = write(
+        tmp_path,
+        "listen: {port: 0}\nadmin: {port: 0}\n"
+        f'store: {{url: "postgresql://postgres@127.0.0.1:{closed}/test"}}\n',
+    )
+    result = handrail("serve", "-c", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "store.url (postgresql://postgres@127.0.0.1" in result.stderr

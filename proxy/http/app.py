@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
-from proxy.config import Config
+from proxy.config import Config, redact_url
 from proxy.deps import Deps
+from proxy.errors import ConfigError, StoreUnavailable
 from proxy.http.admin import build_admin_app
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import add_traceresponse, error_middleware, host_guard
@@ -73,7 +74,13 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             # With a dead OTLP endpoint shutdown takes seconds: keep it off the loop.
             stack.push_async_callback(asyncio.to_thread, provider.shutdown)
         store = store_from_config(config.store)
-        await store.open()
+        try:
+            await store.open()
+        except StoreUnavailable as exc:
+            raise ConfigError(
+                f"store.url ({redact_url(config.store.url)}): {exc.message}; check that the "
+                "database is running and exists, or that the file's folder is writable"
+            ) from None
         stack.push_async_callback(store.close)
         engine = engine_from_config(config.policy)
         await engine.start()
