@@ -141,6 +141,10 @@ class Reply(Protocol):
 
     async def stream(self, call: Call, upstream: Upstream) -> None: ...
 
+    def error_status(self, exc: HandrailError) -> int:
+        """The HTTP status the agent gets for ``exc`` (MCP answers a deny with 200)."""
+        ...
+
 
 @dataclass(slots=True)
 class Timings:

@@ -31,7 +31,7 @@ from proxy.deps import Deps
 from proxy.errors import HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
 from proxy.policy.input import policy_input
-from proxy.tracing.attributes import DECISION_CACHED, record_span
+from proxy.tracing.attributes import DECISION_CACHED, final_status, record_span
 from proxy.tracing.tracer import Span as TracerSpan
 from proxy.upstream import send_upstream
 
@@ -218,7 +218,7 @@ def _record_and_release(call: Call, deps: Deps, span: TracerSpan) -> None:
 def record(call: Call, deps: Deps) -> None:
     """Metrics, the span's attributes and the journal: a deny is recorded like any call."""
     call.timings.total_s = time.perf_counter() - call.timings.started
-    status = call.status if call.error is None else call.error.status
+    status = final_status(call)
     decision = call.decision.kind.value if call.decision else "none"
     deps.metrics.calls.labels(call.tool_name, decision, str(status)).inc()
     deps.metrics.latency.labels(call.tool_name).observe(call.timings.total_s)

@@ -124,6 +124,24 @@ async def test_denied_call_returns_is_error_with_the_reason(
     assert mcp_server.executions["delete_everything"] == 0
 
 
+async def test_a_denied_call_is_journaled_with_the_status_the_agent_saw(
+    proxy: TestClient, mcp_server: McpServer, spans: InMemorySpanExporter
+) -> None:
+    from proxy.http.keys import DEPS
+    from proxy.tracing.base import CallQuery
+
+    async with connect(endpoint(proxy)) as session:
+        result = await session.call_tool("delete_everything", {})
+    assert result.is_error
+    deps = proxy.server.app[DEPS]
+    await deps.journal.flush()
+    rows = [r for r in await deps.journal.query(CallQuery()) if r["call"] == "delete_everything"]
+    assert [(r["status"], r["decision"]) for r in rows] == [(200, "deny")]
+    call_span = next(s for s in spans.get_finished_spans() if s.name.endswith("delete_everything"))
+    assert (call_span.attributes or {})["http.response.status_code"] == 200
+    assert (call_span.attributes or {})["handrail.decision"] == "deny"
+
+
 async def test_call_denied_by_its_arguments(proxy: TestClient, mcp_server: McpServer) -> None:
     async with connect(endpoint(proxy)) as session:
         denied = await session.call_tool("send_email", {"to": "eve@evil.test", "body": "hi"})

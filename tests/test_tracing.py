@@ -52,6 +52,9 @@ class _NoReply:
 
     async def stream(self, call: Call, upstream: Any) -> None: ...
 
+    def error_status(self, exc: Any) -> int:
+        return int(exc.status)
+
 
 def make_call(**fields: Any) -> Call:
     tool = fields.pop("tool", ToolConfig(upstream="http://127.0.0.1:9"))

@@ -48,6 +48,9 @@ class HttpReply:
         self.response = web.Response(status=stored.status, body=stored.body, headers=headers)
         call.delivered = True
 
+    def error_status(self, exc: HandrailError) -> int:
+        return exc.status
+
     async def stream(self, call: Call, upstream: Upstream) -> None:
         call.response_headers = upstream.headers
         keep = keep_limit(call, self.capture_bytes)

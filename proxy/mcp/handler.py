@@ -204,6 +204,10 @@ class McpReply:
         self.response = web.Response(status=stored.status, body=body, headers=headers)
         call.delivered = True
 
+    def error_status(self, exc: HandrailError) -> int:
+        """A refusal is a tool result the model reads (200); other errors keep theirs."""
+        return render_error(exc, self.request_id, None)[0]
+
     async def stream(self, call: Call, upstream: Upstream) -> None:
         keep = keep_limit(call, self.capture_bytes)
         forms = answer_forms(call.tool)  # the server's credentials: never sent to the agent

@@ -50,6 +50,9 @@ class NoReply:
     async def stream(self, call: Call, upstream: Upstream) -> None:
         raise NotImplementedError
 
+    def error_status(self, exc: HandrailError) -> int:
+        return exc.status
+
 
 def endpoint_path(ident: Identity) -> str:
     """``/tools/{tool}`` is the MCP endpoint itself (no trailing slash); deeper paths append."""

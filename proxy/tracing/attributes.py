@@ -121,7 +121,7 @@ NOT_FAILURES = frozenset({"result_blocked"})
 
 def final_status(call: Call) -> int | None:
     """The status the agent saw: the proxy's error status, else the tool's (or replayed)."""
-    return call.error.status if call.error is not None else call.status
+    return call.reply.error_status(call.error) if call.error is not None else call.status
 
 
 def error_type(call: Call) -> str | None:
