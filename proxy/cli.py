@@ -45,34 +45,56 @@ def build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUB")
     evaluate = policy_commands.add_parser("eval", help="print the decision for one input")
     _config_arg(evaluate)
-    evaluate.add_argument("--input", required=True, type=Path, metavar="FILE.json")
+    evaluate.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        metavar="FILE.json",
+        help="a policy input document (see docs/policy.md)",
+    )
     test = policy_commands.add_parser("test", help="run the *_test.rego files")
     _config_arg(test)
 
     calls = commands.add_parser("calls", help="list recorded calls from the local journal")
     _config_arg(calls)
-    calls.add_argument("--run", metavar="ID")
-    calls.add_argument("--tool", metavar="T")
-    calls.add_argument("--decision", choices=("allow", "deny", "approval"))
+    calls.add_argument("--run", metavar="ID", help="only this run's calls")
+    calls.add_argument("--tool", metavar="T", help="only this tool's calls")
+    calls.add_argument(
+        "--decision", choices=("allow", "deny", "approval"), help="only calls so decided"
+    )
     calls.add_argument("--since", metavar="TIME", help="ISO time or seconds ago (e.g. 300)")
-    calls.add_argument("--limit", type=int, default=50, metavar="N")
-    calls.add_argument("--json", action="store_true", dest="as_json")
+    calls.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="the newest N (default 50)"
+    )
+    calls.add_argument(
+        "--json", action="store_true", dest="as_json", help="a JSON array, for scripts"
+    )
 
     traces = commands.add_parser("traces", help="query the trace backend for the proxy's spans")
     _config_arg(traces)
-    traces.add_argument("--run", metavar="ID")
-    traces.add_argument("--trace-id", metavar="ID")
-    traces.add_argument("--tool", metavar="T")
-    traces.add_argument("--decision", choices=("allow", "deny", "approval"))
-    traces.add_argument("--limit", type=int, default=50, metavar="N")
-    traces.add_argument("--json", action="store_true", dest="as_json")
+    traces.add_argument("--run", metavar="ID", help="only this run's calls")
+    traces.add_argument("--trace-id", metavar="ID", help="only this trace")
+    traces.add_argument("--tool", metavar="T", help="only this tool's calls")
+    traces.add_argument(
+        "--decision", choices=("allow", "deny", "approval"), help="only calls so decided"
+    )
+    traces.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="the newest N calls (default 50)"
+    )
+    traces.add_argument(
+        "--json", action="store_true", dest="as_json", help="a JSON array, for scripts"
+    )
 
     keys = commands.add_parser(
         "keys", help="list, show or resolve idempotency keys whose outcome is unknown"
     )
-    keys.add_argument("action", choices=("list", "show", "resolve"))
-    keys.add_argument("tool", nargs="?", metavar="TOOL")
-    keys.add_argument("key", nargs="?", metavar="KEY")
+    keys.add_argument(
+        "action",
+        choices=("list", "show", "resolve"),
+        help="list the unknown keys, show one, or resolve one",
+    )
+    keys.add_argument("tool", nargs="?", metavar="TOOL", help="the tool's name (show, resolve)")
+    keys.add_argument("key", nargs="?", metavar="KEY", help="the Idempotency-Key (show, resolve)")
     keys.add_argument(
         "--failed", action="store_true", help="resolve: the call did not take effect; retry runs"
     )
@@ -82,22 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='resolve: the call took effect with this answer, {"status", "headers", "body"}',
     )
-    keys.add_argument("--json", action="store_true", dest="as_json")
+    keys.add_argument("--json", action="store_true", dest="as_json", help="JSON, for scripts")
     _config_arg(keys)
 
-    approvals = commands.add_parser("approvals", help="list and decide held calls")
-    approvals.add_argument("action", choices=("list", "approve", "reject"))
-    approvals.add_argument("id", nargs="?")
-    approvals.add_argument("--reason")
+    approvals = commands.add_parser(
+        "approvals", help="list and decide held calls (not available yet: holds are refused)"
+    )
+    approvals.add_argument(
+        "action", choices=("list", "approve", "reject"), help="what to do with held calls"
+    )
+    approvals.add_argument("id", nargs="?", help="the approval's id (approve, reject)")
+    approvals.add_argument("--reason", help="why, for the agent and the journal")
     _config_arg(approvals)
 
-    replay = commands.add_parser("replay", help="re-decide or re-issue a recorded run")
-    replay.add_argument("--run", required=True, metavar="ID")
+    replay = commands.add_parser(
+        "replay", help="re-decide or re-issue a recorded run (not available yet)"
+    )
+    replay.add_argument("--run", required=True, metavar="ID", help="the recorded run")
     _config_arg(replay)
-    replay.add_argument("--policies", type=Path, metavar="DIR")
-    replay.add_argument("--execute", action="store_true")
-    replay.add_argument("--against", metavar="URL")
-    replay.add_argument("--json", action="store_true", dest="as_json")
+    replay.add_argument(
+        "--policies", type=Path, metavar="DIR", help="candidate policies to decide with"
+    )
+    replay.add_argument("--execute", action="store_true", help="re-issue the calls through a proxy")
+    replay.add_argument("--against", metavar="URL", help="the proxy to re-issue through")
+    replay.add_argument("--json", action="store_true", dest="as_json", help="JSON, for scripts")
     return parser
 
 

@@ -93,7 +93,10 @@ async def serve(config: Config, announce: Callable[[str], None]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     where = await server.start()
-    tools = ", ".join(f"{n} ({t.kind})" for n, t in config.tools.items()) or "none"
+    tools = ", ".join(f"{n} ({t.kind})" for n, t in config.tools.items()) or (
+        "none yet: add one under tools: in a handrail.yaml (see examples/handrail.yaml) "
+        "and run handrail serve -c handrail.yaml"
+    )
     exporter = describe_exporter(config.tracing)
     policy = config.policy
     engine_at = policy.path if policy.engine == "embedded" else policy.opa.url

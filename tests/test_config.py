@@ -164,3 +164,22 @@ def test_an_unreachable_store_stops_serve_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "store.url (postgresql://postgres@127.0.0.1" in result.stderr
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import argparse
+
+    from proxy.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{where} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{where}: {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "handrail")
+    assert missing == []
