@@ -33,11 +33,12 @@ def test_a_config_example_in_the_docs_loads(
     parse_config(yaml.safe_load(block), where)
 
 
-def test_the_sidecar_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in ENV.items():
-        monkeypatch.setenv(name, value)
-    path = ROOT / "deploy" / "handrail.yaml"
-    parse_config(yaml.safe_load(path.read_text()), str(path))
+@pytest.mark.parametrize("name", ["deploy/handrail.yaml", "examples/handrail.yaml"])
+def test_a_shipped_config_loads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var, value in ENV.items():
+        monkeypatch.setenv(var, value)
+    path = ROOT / name
+    parse_config(yaml.safe_load(path.read_text()), str(path), path.parent)
 
 
 def _rego_examples() -> list[str]:
