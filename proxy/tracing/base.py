@@ -129,12 +129,10 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def journal_row(call: Call, capture: CaptureConfig) -> Row:
-    """The journal's facts about a finished call, in ``COLUMNS`` order: pure."""
-    input_value, output_value = captured(call, capture)
+def _head(call: Call, query: str | None) -> Row:
+    """The columns a call has once it is decided, whether or not it ever ends."""
     decision = call.decision
     timings = call.timings
-    query = redactor_for(call, capture).text(call.query_string) if call.query_string else None
     return (
         timings.started_wall,
         call.tool_name,
@@ -152,6 +150,16 @@ def journal_row(call: Call, capture: CaptureConfig) -> Row:
         decision.decision_id if decision is not None else None,
         call.idempotency_key,
         call.fingerprint,
+    )
+
+
+def journal_row(call: Call, capture: CaptureConfig) -> Row:
+    """The journal's facts about a finished call, in ``COLUMNS`` order: pure."""
+    input_value, output_value = captured(call, capture)
+    timings = call.timings
+    query = redactor_for(call, capture).text(call.query_string) if call.query_string else None
+    return (
+        *_head(call, query),
         call.replayed,
         final_status(call),
         call.error.code if call.error is not None else None,
@@ -165,24 +173,8 @@ def journal_row(call: Call, capture: CaptureConfig) -> Row:
 
 def begin_row(call: Call) -> Row:
     """The row a decided call leaves if it never ends: no status, ``interrupted``: pure."""
-    decision = call.decision
     return (
-        call.timings.started_wall,
-        call.tool_name,
-        call.tool.kind,
-        call.agent_id,
-        call.run_id,
-        call.trace_id,
-        call.span_id,
-        call.method,
-        call.path,
-        None,
-        call.mcp.name if call.mcp is not None else None,
-        decision.kind.value if decision is not None else None,
-        json.dumps(list(decision.reasons)) if decision is not None else None,
-        decision.decision_id if decision is not None else None,
-        call.idempotency_key,
-        call.fingerprint,
+        *_head(call, None),
         False,
         None,
         INTERRUPTED,
