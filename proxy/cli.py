@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="data-plane host (overrides listen.host)")
     serve.add_argument("--port", type=int, help="data-plane port (overrides listen.port)")
 
+    check = commands.add_parser(
+        "check", help="validate the config, compile the policies, reach the store and tools"
+    )
+    _config_arg(check)
+
     commands.add_parser("demo", help="a sample tool, the proxy and a scripted agent")
 
     policy = commands.add_parser("policy", help="evaluate or test policies")
@@ -170,6 +175,10 @@ def _serve(args: argparse.Namespace) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "check":
+        from proxy.check import check_command
+
+        return check_command(_load(args.config), sys.stdout)
     if args.command == "demo":
         from proxy.demo import run_demo
 
