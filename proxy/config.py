@@ -45,9 +45,11 @@ class ListenConfig(_Model):
     port: int = Field(8787, ge=0, le=65535)
     agent_id: str | None = None
     """Bind the sidecar's one agent: every call is this agent's, whatever X-Agent-Id says."""
-    read_timeout_s: float = Field(15.0, gt=0, le=3600)
+    read_timeout_s: float = Field(60.0, gt=0, le=3600)
     """How long a connection may take to send a request's head (idle keep-alive included)
-    and then its body: slow or stalled senders (slowloris) are cut off."""
+    and then its body: slow or stalled senders (slowloris) are cut off. Longer than the
+    usual client pools' idle timeouts, so a reused keep-alive connection is rarely closed
+    under a request in flight."""
     allowed_hosts: tuple[str, ...] | None = None
     """Host names (or ``name:port``) the data plane answers to, and the hosts an ``Origin``
     may name, against DNS rebinding; default: loopback names and ``host`` itself. ``*``
