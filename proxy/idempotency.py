@@ -48,6 +48,7 @@ from proxy.errors import (
 )
 from proxy.store.keys import canonical_json, canonical_payload, derive_key, fingerprint_payload
 from proxy.store.sealed import is_sealed, seal, unseal
+from proxy.tracing.attributes import OPENINFERENCE_SPAN_KIND, SPAN_KIND_CHAIN
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def start_claim(call: Call, deps: Deps) -> Claiming | None:
     assert call.fingerprint is not None
     idem = call.tool.idempotency
     span = deps.tracer.start_span("handrail.idempotency")
+    span.set_attribute(OPENINFERENCE_SPAN_KIND, SPAN_KIND_CHAIN)
     span.set_attribute("handrail.idempotency.key", key)
     owner = uuid.uuid4().hex
     task = asyncio.ensure_future(

@@ -31,7 +31,13 @@ from proxy.deps import Deps
 from proxy.errors import HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
 from proxy.policy.input import policy_input
-from proxy.tracing.attributes import DECISION_CACHED, final_status, record_span
+from proxy.tracing.attributes import (
+    DECISION_CACHED,
+    OPENINFERENCE_SPAN_KIND,
+    SPAN_KIND_GUARDRAIL,
+    final_status,
+    record_span,
+)
 from proxy.tracing.tracer import Span as TracerSpan
 from proxy.upstream import send_upstream
 
@@ -89,6 +95,7 @@ async def decide(call: Call, deps: Deps) -> None:
     """
     assert call.fingerprint is not None
     with child_span(deps, "handrail.policy") as span:
+        span.set_attribute(OPENINFERENCE_SPAN_KIND, SPAN_KIND_GUARDRAIL)
         started = time.perf_counter()
         call.counters = await deps.store.reserve_call(
             run_key(call), call.fingerprint, write=call.unsafe

@@ -543,3 +543,26 @@ def test_a_body_already_parsed_is_captured_as_if_parsed_again() -> None:
     assert capture_body(body, redactor, 4096, parsed) == again
     assert "hunter2" not in again and REDACTED in again
     assert parsed["password"] == "hunter2"  # the call's own document is left as it was
+
+
+async def test_spans_carry_openinference_kinds_and_the_agent_as_user(
+    tool: Any, make_proxy: ProxyFactory, spans: InMemorySpanExporter
+) -> None:
+    server, _ = tool
+    proxy = await make_proxy(_crm(server))
+    resp = await proxy.post(
+        "/tools/crm/contacts",
+        json={"name": "Ada"},
+        headers={"X-Agent-Id": "sales-bot", "X-Run-Id": "r-kinds", "Idempotency-Key": "k-kinds"},
+    )
+    assert resp.status == 200
+    for _ in range(100):
+        found = _by_name(spans)
+        if "execute_tool crm" in found:
+            break
+        await asyncio.sleep(0.01)
+    kinds = {name: (s.attributes or {}).get("openinference.span.kind") for name, s in found.items()}
+    assert kinds["execute_tool crm"] == "TOOL"
+    assert kinds["handrail.policy"] == "GUARDRAIL"
+    assert kinds["handrail.idempotency"] == "CHAIN"
+    assert (found["execute_tool crm"].attributes or {})["user.id"] == "sales-bot"

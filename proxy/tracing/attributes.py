@@ -58,6 +58,12 @@ JSONRPC_PROTOCOL_VERSION = "jsonrpc.protocol.version"
 
 OPERATION = "execute_tool"
 SPAN_KIND_TOOL = "TOOL"
+SPAN_KIND_GUARDRAIL = "GUARDRAIL"
+"""The policy's decision (and, later, result checks): what Phoenix shows as a guardrail."""
+SPAN_KIND_CHAIN = "CHAIN"
+"""Handrail's own steps (the idempotency key)."""
+USER_ID = "user.id"
+"""OpenInference's user: the agent."""
 JSON_MIME = "application/json"
 TEXT_MIME = "text/plain"
 
@@ -153,6 +159,7 @@ def call_attributes(call: Call, capture: CaptureConfig) -> dict[str, AttributeVa
         OPENINFERENCE_SPAN_KIND: SPAN_KIND_TOOL,
         TOOL_NAME: tool_name,
         AGENT_NAME: call.agent_id,
+        USER_ID: call.agent_id,
         SESSION_ID: call.run_id,
         RUN_ID: call.run_id,
         TOOL: call.tool_name,
