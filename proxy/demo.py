@@ -23,18 +23,22 @@ from proxy.http.app import build_admin_app, build_app
 from proxy.http.keys import DEPS
 
 DEMO_DIR = Path(".handrail/demo")
+KEYS_SEEN = web.AppKey("keys_seen", list)
+"""The Idempotency-Key headers the sample tool received, in order."""
 
 
 def sample_tool() -> tuple[web.Application, dict[str, int]]:
     """A tiny CRM: contacts and refunds, counting how often each write really ran."""
     ran = {"create_contact": 0, "refund": 0}
     contacts: dict[str, dict[str, Any]] = {}
+    keys: list[str] = []
 
     async def list_contacts(request: web.Request) -> web.Response:
         return web.json_response({"contacts": list(contacts.values())})
 
     async def create_contact(request: web.Request) -> web.Response:
         ran["create_contact"] += 1
+        keys.append(request.headers.get("Idempotency-Key", ""))
         data = await request.json()
         contact = {"id": f"c-{len(contacts) + 1}", **data}
         contacts[contact["id"]] = contact
@@ -48,6 +52,7 @@ def sample_tool() -> tuple[web.Application, dict[str, int]]:
     app.router.add_get("/contacts", list_contacts)
     app.router.add_post("/contacts", create_contact)
     app.router.add_post("/refunds", refund)
+    app[KEYS_SEEN] = keys
     return app, ran
 
 
@@ -132,7 +137,10 @@ async def _demo(out: TextIO) -> int:
     def p(line: str = "") -> None:
         print(line, file=out, flush=True)
 
-    p(f"Handrail demo: sample tool at {tool_url}, proxy at {proxy}{{crm,payments}}")
+    p(
+        f"Handrail demo: a sample tool at {tool_url} and the proxy at {proxy}{{crm,payments}}"
+        " (both stop when the demo ends)"
+    )
     p(f"Policies from {config.policy.path}")
     p(f"The agent 'demo-agent' runs '{run_id}'; every call goes through the proxy.\n")
     ok = True
@@ -163,8 +171,13 @@ async def _demo(out: TextIO) -> int:
         )
         ok &= status == 201
         p(f"  the tool created {data.get('id')}")
+        attached = tool_app[KEYS_SEEN][-1] if tool_app[KEYS_SEEN] else "(none)"
+        p(
+            f"  the proxy attached Idempotency-Key {attached}, derived from the agent, the run,"
+            " the tool, the method, the path and the payload"
+        )
         status, data, resp = await call(
-            "3. The agent blindly retries the same write (its keys reordered)",
+            "3. The agent blindly retries the same write (the same JSON, fields reordered)",
             "POST",
             "crm/contacts",
             {"email": "ada@example.com", "name": "Ada Lovelace"},
@@ -210,7 +223,12 @@ async def _demo(out: TextIO) -> int:
     for line in _tree(list(exporter.get_finished_spans()), replay_trace):
         p(line)
     p(f"\nSee them again with: handrail calls -c {DEMO_DIR / 'handrail.yaml'} --run {run_id}")
-    p("With tracing.exporter: otlp the same spans go to your trace backend (e.g. Arize Phoenix).")
+    p("\nWhat next:")
+    p("  - traces in Phoenix: pip install -e '.[phoenix]' && phoenix serve, then set")
+    p("    tracing: {exporter: otlp, endpoint: http://127.0.0.1:6006} and handrail traces --run ID")
+    p("  - guard your own tool (and an MCP server): handrail serve -c examples/handrail.yaml,")
+    p("    see 'Guard your own tool in five minutes' in README.md")
+    p("  - write policies: docs/policy.md; check a config: handrail check -c handrail.yaml")
 
     await admin_runner.cleanup()
     await runner.cleanup()
