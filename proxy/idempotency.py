@@ -306,7 +306,6 @@ async def settle_key(call: Call, deps: Deps) -> None:
     if claim is None or claim.state is not ClaimState.OWNED or call.idempotency_key is None:
         return
     settle = settlement(call)
-    call.extra["settlement"] = settle.action
     if settle.reason is not None:
         deps.metrics.unknown_outcomes.labels(call.tool_name, settle.reason.value).inc()
         logger.warning(

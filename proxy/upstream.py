@@ -206,20 +206,14 @@ class Pools:
 
     def __init__(self, tools: Mapping[str, ToolConfig]) -> None:
         self._sessions = {name: _session(tool.max_connections) for name, tool in tools.items()}
-        self._fallback: aiohttp.ClientSession | None = None
 
     def session(self, tool: str) -> aiohttp.ClientSession:
-        found = self._sessions.get(tool)
-        if found is not None:
-            return found
-        if self._fallback is None:
-            self._fallback = _session(256)
-        return self._fallback
+        """The pool of a configured tool (calls name no other: 404 before they get here)."""
+        return self._sessions[tool]
 
     async def close(self) -> None:
-        for each in [*self._sessions.values(), self._fallback]:
-            if each is not None:
-                await each.close()
+        for each in self._sessions.values():
+            await each.close()
 
 
 def _session(limit: int) -> aiohttp.ClientSession:

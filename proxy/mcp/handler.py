@@ -234,7 +234,8 @@ class McpReply:
         parser = jsonrpc.SseParser()
         found = False
         scrubber = StreamScrubber(forms) if forms else None
-        async for chunk in _scrubbed(upstream.body, scrubber):  # to the end, agent or not
+        chunks = upstream.body if scrubber is None else _scrubbed(upstream.body, scrubber)
+        async for chunk in chunks:  # read to the end even if the agent has gone
             for event in parser.feed(chunk):
                 if call.on_progress is not None:
                     call.on_progress()  # progress, server requests: the call is alive
@@ -278,12 +279,10 @@ class McpReply:
             call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
 
 
-async def _scrubbed(
-    body: AsyncIterator[bytes], scrubber: StreamScrubber | None
-) -> AsyncIterator[bytes]:
+async def _scrubbed(body: AsyncIterator[bytes], scrubber: StreamScrubber) -> AsyncIterator[bytes]:
     async for chunk in body:
-        yield chunk if scrubber is None else scrubber.feed(chunk)
-    if scrubber is not None and (rest := scrubber.flush()):
+        yield scrubber.feed(chunk)
+    if rest := scrubber.flush():
         yield rest
 
 
