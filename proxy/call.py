@@ -120,6 +120,8 @@ class McpCall:
     request_id: str | int | None
     session_id: str | None
     method: str = "tools/call"
+    protocol_version: str | None = None
+    """The revision this request speaks (``None``: not known, e.g. a listing of our own)."""
 
 
 @dataclass(slots=True)

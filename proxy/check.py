@@ -81,9 +81,7 @@ async def _tool(name: str, tool: ToolConfig) -> list[str]:
     parts = urlsplit(tool.upstream)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, port), TIMEOUT_S
-        )
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), TIMEOUT_S)
         writer.close()
     except (OSError, TimeoutError) as exc:
         return [f"{where}: cannot connect ({exc or 'timed out'}); is the tool running?"]

@@ -96,6 +96,10 @@ class IdempotencyConfig(_Model):
     lease_margin_s: float = Field(5.0, ge=0)
     """A claimed key outlives the tool's timeout by this much; past it, the holder is taken
     for dead and the key's outcome is ``unknown``."""
+    derived_ttl_s: float = Field(60, gt=0)
+    """A derived key (the agent sent none) replays its answer for this long after the call
+    completed: long enough for a blind retry, short enough that a deliberate repeat minutes
+    later runs. Keys the agent sends keep ``ttl_s``; an unknown outcome keeps ``ttl_s``."""
     upstream_dedupes: bool = False
     """The tool honours ``Idempotency-Key`` itself: a key whose outcome is unknown may be
     sent to it again (instead of 409 ``outcome_unknown``)."""

@@ -24,9 +24,7 @@ MIN_SECRET_LEN = 8
 """Shorter values are not scrubbed: they would match ordinary text."""
 
 
-def secret_values(
-    header_values: Iterable[str], min_len: int = MIN_SECRET_LEN
-) -> tuple[str, ...]:
+def secret_values(header_values: Iterable[str], min_len: int = MIN_SECRET_LEN) -> tuple[str, ...]:
     """The values to scrub: each header value, and the credential after its scheme."""
     values: set[str] = set()
     for value in header_values:

@@ -270,6 +270,8 @@ class Settlement:
     action: str
     response: StoredResponse | None = None
     reason: UnknownReason | None = None
+    keep_s: float | None = None
+    """How long a completed record replays (a derived key's window), else its ``ttl_s``."""
 
 
 def settlement(call: Call) -> Settlement:
@@ -297,6 +299,7 @@ def settlement(call: Call) -> Settlement:
             body=bytes(call.captured_body) if complete else b"",
             complete=complete,
         ),
+        keep_s=idem.derived_ttl_s if call.key_derived else None,
     )
 
 
@@ -341,7 +344,7 @@ async def _apply(deps: Deps, tool: str, key: str, owner: str, settle: Settlement
         secret = deps.config.store.encryption_key
         if secret is not None and deps.config.tools.get(tool, _PLAIN).sensitive:
             response = seal(response, secret, tool, key)
-        await deps.store.complete(tool, key, owner, response)
+        await deps.store.complete(tool, key, owner, response, keep_s=settle.keep_s)
     elif settle.action == "release":
         await deps.store.release(tool, key, owner)
     else:

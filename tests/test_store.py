@@ -393,6 +393,20 @@ async def test_expired_record_is_claimed_afresh(store: Store) -> None:
     assert again.state is ClaimState.OWNED
 
 
+async def test_keep_s_shortens_a_completed_records_life(store: Store) -> None:
+    """A derived key's window: the record replays for ``keep_s`` after it completed, then a
+    new claim of the same key owns it (a deliberate repeat runs)."""
+    short, long = _key(), _key()
+    claim = await _claim(store, short, ttl_s=3600)
+    assert await store.complete("crm", short, claim.owner, OK, keep_s=0.3)
+    claim = await _claim(store, long, ttl_s=3600)
+    assert await store.complete("crm", long, claim.owner, OK)
+    assert (await _claim(store, short)).state is ClaimState.COMPLETED
+    await asyncio.sleep(0.5)
+    assert (await _claim(store, short)).state is ClaimState.OWNED
+    assert (await _claim(store, long)).state is ClaimState.COMPLETED
+
+
 async def test_purge_deletes_expired_records_only(store: Store) -> None:
     expiring, kept = _key(), _key()
     claim = await _claim(store, expiring, lease_s=0.1, ttl_s=0.2)

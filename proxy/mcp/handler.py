@@ -1,75 +1,71 @@
 """MCP Streamable HTTP through the proxy: ``tools/call`` guarded, ``tools/list`` filtered.
 
 Every other message passes through as it came: POSTs (JSON or SSE answers, streamed as
-they arrive), the server-to-client GET event stream (no total timeout), DELETE, and the
-202 answers to notifications. A ``tools/call`` runs the pipeline like an HTTP call; what
-it keeps for replay and traces is the JSON-RPC response message itself (JSON), whether the
-server answered with JSON or an SSE stream, so a retry gets that message back under its
-own JSON-RPC id with the ``result`` bytes unchanged.
+they arrive), the server-to-client GET event stream and ``subscriptions/listen`` (no total
+timeout), DELETE, and the 202 answers to notifications. A ``tools/call`` runs the pipeline
+like an HTTP call; what it keeps for replay and traces is the JSON-RPC response message
+itself (JSON), whether the server answered with JSON or an SSE stream, so a retry gets that
+message back under its own JSON-RPC id with the ``result`` bytes unchanged.
 
-Annotations for the policy come from the server's ``tools/list`` answers seen on the way
-(per session, then per server). When a call names a tool no listing has shown yet, the
-proxy lists the tools itself once, in the agent's session, before deciding.
+Every revision a current SDK speaks shares the endpoint, chosen per request as servers do
+(``proxy.mcp.headers.protocol_version``): the handshake revisions with ``Mcp-Session-Id``,
+and 2026-07-28, stateless, with its envelope in each request's ``params._meta`` and
+routing headers that must agree with the body.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from opentelemetry.trace import Span, SpanKind, get_current_span
+from opentelemetry.trace import Span, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import pipeline
-from proxy.call import Call, McpCall, Outcome, StoredResponse, UnknownReason, Upstream
-from proxy.credentials import StreamScrubber, answer_forms, scrub
+from proxy.call import McpCall
 from proxy.deps import Deps
 from proxy.errors import HandrailError
-from proxy.ingress.reply import AgentStream, note_gone
-from proxy.ingress.request import Identity, capture_limit, keep_limit, new_call, read_body, tee
+from proxy.ingress.request import Identity, capture_limit, new_call, read_body
 from proxy.mcp import jsonrpc
-from proxy.mcp.annotations import Annotations, catalog
-from proxy.mcp.headers import (
-    CLIENT_CAPABILITIES_META,
-    CLIENT_INFO_META,
-    HEADER_MISMATCH,
-    PROTOCOL_VERSION_META,
-    header_mismatch,
-)
-from proxy.mcp.inflight import in_flight, settle_on_response
-from proxy.mcp.relay import (
-    SKIP_AUTO_HEADERS,
-    bare_call,
-    endpoint_path,
-    identity_encoding,
-    pass_through,
-)
+from proxy.mcp.headers import header_mismatch, is_modern, protocol_version
+from proxy.mcp.inflight import in_flight
+from proxy.mcp.listing import annotations_for
+from proxy.mcp.relay import Passage, endpoint_path, identity_encoding, pass_through
 from proxy.mcp.render import json_response, render_error, render_invalid
-from proxy.tracing.attributes import JSONRPC_REQUEST_ID, MCP_METHOD_NAME, MCP_SESSION_ID
-from proxy.upstream import upstream_headers, upstream_url
+from proxy.mcp.reply import SESSION_HEADER, McpReply
+from proxy.store.keys import parse_key_header
+from proxy.tracing.attributes import (
+    JSONRPC_REQUEST_ID,
+    MCP_METHOD_NAME,
+    MCP_PROTOCOL_VERSION,
+    MCP_SESSION_ID,
+)
 
 logger = logging.getLogger(__name__)
 
-SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
-MAX_LIST_PAGES = 20
+KEY_META = "io.handrail/idempotencyKey"
+"""A ``params._meta`` member that is the call's Idempotency-Key, for clients that cannot set
+a header per call: a new value makes a deliberate repeat of the same call run again."""
+STREAM_METHODS = frozenset({"subscriptions/listen"})
+"""POSTs whose answer is an event stream that lives as long as the client wants it."""
 
 
 async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.StreamResponse:
     session = request.headers.get(SESSION_HEADER)
     if session:
         ident.span.set_attribute(MCP_SESSION_ID, session)
+    calls = in_flight(request)
     if request.method != "POST":
         ident.span.update_name(f"{request.method} {ident.tool_name}")
+        ident.span.set_attribute(MCP_PROTOCOL_VERSION, protocol_version(None, request.headers))
         if request.method != "GET":
-            return await pass_through(request, deps, ident, b"", None, session)
-        with in_flight(request).stream(ident.tool_name, ident.agent_id, ident.tool):
-            return await pass_through(request, deps, ident, b"", None, session)
+            return await pass_through(request, deps, ident, b"", None, Passage(session))
+        with calls.stream(ident.tool_name, ident.agent_id, ident.tool):
+            async with calls.opening(ident.tool_name, session) as opened:
+                passage = Passage(session, long_lived=True, on_open=opened.set)
+                return await pass_through(request, deps, ident, b"", None, passage)
     body = await read_body(request, ident.tool.max_body_bytes)
     try:
         parsed = jsonrpc.parse_body(body)
@@ -78,25 +74,34 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
         ident.span.set_attribute("handrail.error.code", "bad_request")
         return json_response(*render_invalid(err, ident.trace_id))
     first = parsed.messages[0]
+    version = protocol_version(None if parsed.batch else first, request.headers)
+    ident.span.set_attribute(MCP_PROTOCOL_VERSION, version)
+    passage = Passage(session, modern=is_modern(version))
     if not parsed.batch and first.method is not None:
         mismatch = header_mismatch(first, request.headers)
         if mismatch is not None:
             ident.span.set_attribute("handrail.error.code", "bad_request")
-            refusal = jsonrpc.JsonRpcError(HEADER_MISMATCH, mismatch, first.id)
+            refusal = jsonrpc.JsonRpcError(jsonrpc.HEADER_MISMATCH, mismatch, first.id)
             return json_response(*render_invalid(refusal, ident.trace_id))
         ident.span.set_attribute(MCP_METHOD_NAME, first.method)
         if first.id is not None:
             ident.span.set_attribute(JSONRPC_REQUEST_ID, str(first.id))
+        await calls.streams_opened(ident.tool_name, session)
         if first.method == "tools/call":
-            return await _tools_call(request, deps, ident, body, first, session)
+            return await _tools_call(request, deps, ident, body, first, passage, version)
         ident.span.update_name(f"{first.method} {ident.tool_name}")
+        if first.method in STREAM_METHODS:
+            with calls.stream(ident.tool_name, ident.agent_id, ident.tool):
+                listen = Passage(session, modern=passage.modern, long_lived=True)
+                return await pass_through(request, deps, ident, body, parsed, listen)
     else:
         ident.span.update_name(f"POST {ident.tool_name}")
+        await calls.streams_opened(ident.tool_name, session)
     for message in parsed.messages:
         if message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
-            in_flight(request).note_cancel(ident.tool_name, ident.agent_id, session, request_id)
-    return await pass_through(request, deps, ident, body, parsed, session)
+            calls.note_cancel(ident.tool_name, ident.agent_id, session, request_id)
+    return await pass_through(request, deps, ident, body, parsed, passage)
 
 
 def _check_batch(parsed: jsonrpc.Body, version: str | None) -> None:
@@ -122,7 +127,8 @@ async def _tools_call(
     ident: Identity,
     body: bytes,
     message: jsonrpc.Message,
-    session: str | None,
+    passage: Passage,
+    version: str,
 ) -> web.StreamResponse:
     params = message.params
     name, arguments = params.get("name"), params.get("arguments")
@@ -133,8 +139,15 @@ async def _tools_call(
             message.id,
         )
         return json_response(*render_invalid(err, ident.trace_id))
+    try:
+        meta_key = _meta_key(params, ident.idempotency_key)
+    except jsonrpc.JsonRpcError as err:
+        err.request_id = message.id
+        return json_response(*render_invalid(err, ident.trace_id))
+    session = passage.session
     link_meta_context(ident.span, params)
-    annotations = await _annotations(request, deps, ident, name, session, params.get("_meta"))
+    meta = params.get("_meta")
+    annotations = await annotations_for(request, deps, ident, name, session, meta)
     reply = McpReply(request, capture_limit(deps.config), message.id)
     call = new_call(
         request,
@@ -144,9 +157,18 @@ async def _tools_call(
         reply=reply,
         method="POST",
         path=endpoint_path(ident),
-        mcp=McpCall(name, arguments or {}, annotations, message.id, session),
+        mcp=McpCall(name, arguments or {}, annotations, message.id, session, "tools/call", version),
         run_id=session,
     )
+    if meta_key is not None:
+        call.idempotency_key = meta_key
+    if ident.run_id_hint is None:
+        # A later round of a multi round-trip call is the same logical call: its run (and
+        # so its derived key) is the first round's, whatever trace context it carries.
+        state = params.get("requestState")
+        first_run = in_flight(request).round_run(ident.tool_name, ident.agent_id, state)
+        if first_run is not None:
+            call.run_id = first_run
     identity_encoding(call)
     try:
         await pipeline.run(call, deps)
@@ -156,9 +178,31 @@ async def _tools_call(
             if request.transport is not None:
                 request.transport.close()
             return reply.response
-        return json_response(*render_error(exc, message.id, ident.trace_id))
+        rendered = render_error(exc, message.id, ident.trace_id, modern=passage.modern)
+        return json_response(*rendered)
     assert reply.response is not None
     return reply.response
+
+
+def _meta_key(params: dict[str, Any], header_key: str | None) -> str | None:
+    """The key a client put in ``params._meta`` (``KEY_META``); refused when it is not a
+    valid key, or when an ``Idempotency-Key`` header names another one."""
+    meta = params.get("_meta")
+    if not isinstance(meta, dict) or KEY_META not in meta:
+        return None
+    value = meta[KEY_META]
+    try:
+        key = parse_key_header(value) if isinstance(value, str) else None
+    except ValueError as exc:
+        raise jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, f"_meta {KEY_META} {exc}") from None
+    if key is None:
+        raise jsonrpc.JsonRpcError(jsonrpc.INVALID_PARAMS, f"_meta {KEY_META} must be a string")
+    if header_key is not None and header_key != key:
+        raise jsonrpc.JsonRpcError(
+            jsonrpc.INVALID_PARAMS,
+            f"the Idempotency-Key header and _meta {KEY_META} name different keys",
+        )
+    return key
 
 
 def link_meta_context(span: Span, params: dict[str, Any]) -> None:
@@ -178,231 +222,3 @@ def link_meta_context(span: Span, params: dict[str, Any]) -> None:
     own = span.get_span_context()
     if linked.is_valid and linked.trace_id != own.trace_id:
         span.add_link(linked, {"handrail.link.source": "mcp.params._meta"})
-
-
-class McpReply:
-    """Streams a tools/call answer to the agent; keeps only its JSON-RPC response message."""
-
-    def __init__(self, request: web.Request, capture_bytes: int, request_id: Any) -> None:
-        self.request = request
-        self.capture_bytes = capture_bytes
-        self.request_id = request_id
-        self.response: web.StreamResponse | None = None
-
-    async def replay(self, call: Call, stored: StoredResponse) -> None:
-        body = stored.body
-        try:
-            body = jsonrpc.with_id(stored.body, self.request_id)
-        except ValueError:
-            logger.warning("stored MCP answer is not a JSON-RPC message; replaying it as kept")
-        headers = CIMultiDict((k, v) for k, v in stored.headers if k.lower() != "mcp-session-id")
-        session = self.request.headers.get(SESSION_HEADER)
-        if session:
-            headers[SESSION_HEADER] = session
-        headers["Idempotent-Replayed"] = "true"
-        call.response_headers = list(stored.headers)
-        self.response = web.Response(status=stored.status, body=body, headers=headers)
-        call.delivered = True
-
-    def error_status(self, exc: HandrailError) -> int:
-        """A refusal is a tool result the model reads (200); other errors keep theirs."""
-        return render_error(exc, self.request_id, None)[0]
-
-    async def stream(self, call: Call, upstream: Upstream) -> None:
-        keep = keep_limit(call, self.capture_bytes)
-        forms = answer_forms(call.tool)  # the server's credentials: never sent to the agent
-        content_type = _header(upstream.headers, "content-type")
-        if not content_type.lower().startswith("text/event-stream"):
-            call.response_headers = upstream.headers
-            body = b"".join([chunk async for chunk in upstream.body])
-            body = scrub(body, forms) if forms else body
-            tee(call, body, keep)
-            call.delivered = True
-            note_gone(self.request, call)
-            self._settle_on_json(call, upstream.status, body)
-            self.response = web.Response(
-                status=upstream.status, body=body, headers=CIMultiDict(upstream.headers)
-            )
-            return
-        call.response_headers = [
-            (k, v) for k, v in upstream.headers if k.lower() != "content-type"
-        ] + [("Content-Type", "application/json")]
-        response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(upstream.headers))
-        self.response = response
-        agent = AgentStream(self.request, response, call)
-        await agent.start()
-        parser = jsonrpc.SseParser()
-        found = False
-        scrubber = StreamScrubber(forms) if forms else None
-        chunks = upstream.body if scrubber is None else _scrubbed(upstream.body, scrubber)
-        async for chunk in chunks:  # read to the end even if the agent has gone
-            for event in parser.feed(chunk):
-                if call.on_progress is not None:
-                    call.on_progress()  # progress, server requests: the call is alive
-                message = jsonrpc.event_message(event)
-                if not found and _answers(message, self.request_id):
-                    # The response message is the whole answer: once it is here the
-                    # record is complete, even if the agent hangs up on the rest.
-                    tee(call, event.data.encode(), keep)
-                    found = call.delivered = True
-                    cancelled = in_flight(self.request).was_cancelled(call, self.request_id)
-                    settle_on_response(call, message, cancelled=cancelled)
-            await agent.write(chunk)
-        if not found:
-            # The stream ended without the call's response: it may have run.
-            call.outcome = Outcome.UNKNOWN
-            calls = in_flight(self.request)
-            if calls.was_cancelled(call, self.request_id):
-                call.unknown_reason = UnknownReason.CANCELLED
-            else:
-                call.unknown_reason = UnknownReason.NO_RESPONSE
-                calls.expect_answer(call, self.request_id)
-        await agent.finish()
-
-    def _settle_on_json(self, call: Call, status: int, body: bytes) -> None:
-        if 400 <= status < 500:
-            call.outcome = Outcome.NOT_RUN  # refused at the protocol level (session, headers)
-            return
-        if status >= 500:
-            call.outcome = Outcome.ANSWERED
-            return
-        try:
-            message = jsonrpc.loads_answer(body)
-        except ValueError:
-            message = None
-        if _answers(message, self.request_id):
-            cancelled = in_flight(self.request).was_cancelled(call, self.request_id)
-            settle_on_response(call, message, cancelled=cancelled)
-        elif isinstance(message, dict) and "error" in message and message.get("id") is None:
-            call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
-        else:
-            call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
-
-
-async def _scrubbed(body: AsyncIterator[bytes], scrubber: StreamScrubber) -> AsyncIterator[bytes]:
-    async for chunk in body:
-        yield scrubber.feed(chunk)
-    if rest := scrubber.flush():
-        yield rest
-
-
-def _answers(obj: Any, request_id: Any) -> bool:
-    return (
-        isinstance(obj, dict)
-        and "method" not in obj
-        and ("result" in obj or "error" in obj)
-        and obj.get("id") == request_id
-        and type(obj.get("id")) is type(request_id)
-    )
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str:
-    return next((v for k, v in headers if k.lower() == name), "")
-
-
-# -- annotations ----------------------------------------------------------------------
-
-
-async def _annotations(
-    request: web.Request,
-    deps: Deps,
-    ident: Identity,
-    name: str,
-    session: str | None,
-    meta: Any,
-) -> Annotations | None:
-    cat = catalog(request)
-    known, annotations = cat.lookup(ident.tool_name, session, name)
-    if known:
-        return annotations
-    tools = await _list_tools(request, deps, ident, session, meta)
-    if tools is None:
-        return None
-    cat.remember(ident.tool_name, session, tools)
-    known, annotations = cat.lookup(ident.tool_name, session, name)
-    if not known:
-        cat.mark_unknown(ident.tool_name, session, name)
-    return annotations
-
-
-def _list_envelope(meta: Any) -> dict[str, Any] | None:
-    """2026-07-28: a tools/list of our own carries the agent's protocol envelope."""
-    if not isinstance(meta, dict) or PROTOCOL_VERSION_META not in meta:
-        return None
-    envelope = {PROTOCOL_VERSION_META: meta[PROTOCOL_VERSION_META]}
-    for key in (CLIENT_CAPABILITIES_META, CLIENT_INFO_META):
-        if key in meta:
-            envelope[key] = meta[key]
-    envelope.setdefault(CLIENT_CAPABILITIES_META, {})
-    return envelope
-
-
-async def _list_tools(
-    request: web.Request, deps: Deps, ident: Identity, session: str | None, meta: Any
-) -> list[dict[str, Any]] | None:
-    """Ask the server for its tools in the agent's session (2026-07-28: with the agent's
-    protocol envelope and the routing headers of a tools/list); ``None`` when that fails."""
-    envelope = _list_envelope(meta)
-    call = bare_call(request, ident, b"", session)
-    call.idempotency_key = None
-    url = upstream_url(ident.tool.upstream, call.path, call.query_string)
-    timeout = aiohttp.ClientTimeout(total=ident.tool.timeout_s)
-    tools: list[dict[str, Any]] = []
-    cursor: str | None = None
-    with deps.tracer.start_as_current_span("tools/list", kind=SpanKind.CLIENT) as span:
-        headers = upstream_headers(call, span)
-        headers["Content-Type"] = "application/json"
-        headers["Accept"] = "application/json, text/event-stream"
-        headers.popall("Mcp-Name", None)  # the agent's call named a tool; a listing names none
-        if envelope is not None:
-            headers["Mcp-Method"] = "tools/list"
-            headers["MCP-Protocol-Version"] = str(envelope[PROTOCOL_VERSION_META])
-        else:
-            headers.popall("Mcp-Method", None)
-        for _ in range(MAX_LIST_PAGES):
-            request_id = f"handrail-{uuid.uuid4().hex}"
-            message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"}
-            params: dict[str, Any] = {}
-            if cursor:
-                params["cursor"] = cursor
-            if envelope is not None:
-                params["_meta"] = envelope
-            if params:
-                message["params"] = params
-            try:
-                async with deps.pools.session(ident.tool_name).post(
-                    url,
-                    data=jsonrpc.dumps(message),
-                    headers=headers,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    skip_auto_headers=SKIP_AUTO_HEADERS,
-                ) as response:
-                    raw = await response.read()
-                    content_type = response.headers.get("Content-Type", "")
-                    status = response.status
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                logger.warning(
-                    "listing tools of %s failed: %s",
-                    ident.tool_name,
-                    exc,
-                    extra={"tool": ident.tool_name, "trace_id": ident.trace_id},
-                )
-                return None
-            answer = jsonrpc.response_in(raw, content_type, request_id) if status == 200 else None
-            result = jsonrpc.loads_answer(answer).get("result") if answer else None
-            if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-                logger.warning(
-                    "tools/list of %s gave no usable answer (HTTP %d)",
-                    ident.tool_name,
-                    status,
-                    extra={"tool": ident.tool_name, "trace_id": ident.trace_id},
-                )
-                return None
-            tools += [t for t in result["tools"] if isinstance(t, dict)]
-            next_cursor = result.get("nextCursor")
-            if not isinstance(next_cursor, str) or not next_cursor:
-                break
-            cursor = next_cursor
-        span.set_attribute("handrail.mcp.tools", len(tools))
-    return tools

@@ -10,14 +10,32 @@ from collections.abc import Mapping
 
 from proxy.mcp.jsonrpc import Message
 
-HEADER_MISMATCH = -32020
-"""2026-07-28: a routing header that disagrees with the body it travels with."""
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
 CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
+MODERN_SINCE = "2026-07-28"
+"""The first stateless revision: version and capabilities in each request's ``_meta``."""
+DEFAULT_VERSION = "2025-03-26"
+"""What a request without ``MCP-Protocol-Version`` speaks (the spec's own fallback)."""
 NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 """Methods whose ``Mcp-Name`` header mirrors a body parameter, and which one."""
 _B64_HEADER = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
+
+
+def protocol_version(message: Message | None, headers: Mapping[str, str]) -> str:
+    """The revision one request speaks: its ``_meta`` envelope's (2026-07-28 on), else the
+    ``MCP-Protocol-Version`` header, else the spec's fallback. Chosen per request, as
+    servers do, so every revision a current SDK speaks shares one endpoint."""
+    meta = message.params.get("_meta") if message is not None else None
+    version = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
+    if isinstance(version, str) and version:
+        return version
+    return headers.get("MCP-Protocol-Version") or DEFAULT_VERSION
+
+
+def is_modern(version: str | None) -> bool:
+    """2026-07-28 or later (revisions are dates, so they order as strings)."""
+    return version is not None and version >= MODERN_SINCE
 
 
 def decode_header_value(value: str | None) -> str | None:

@@ -6,13 +6,22 @@
 - Calls whose stream ended without their response (2025 revisions resume a broken stream
   on the session's GET stream, ``Last-Event-ID``): when the response comes by that way,
   the key is settled with it, so the retry is replayed instead of refused.
+- Multi round-trip calls (2026-07-28): the ``requestState`` of an ``input_required`` result
+  names the call's run, so the client's retry carrying it is the same logical call (same
+  run, hence the same derived key) even when it carries no trace context of its own.
+- GET event streams being opened: a POST of the same session waits (briefly) until the
+  server has accepted the stream the agent opened first, so a server message sent on that
+  stream is not lost to a race the agent did not make.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +33,10 @@ from proxy.errors import TooManyStreams
 from proxy.mcp import jsonrpc
 
 MAX_REMEMBERED = 4096
+ROUND_TTL_S = 3600.0
+"""How long an ``input_required`` round is remembered for the client's retry."""
+STREAM_OPEN_WAIT_S = 2.0
+"""The most a POST waits for its session's GET stream to be accepted upstream."""
 
 Key = tuple[str, str, str]
 
@@ -43,6 +56,8 @@ class McpInFlight:
         self._unanswered: OrderedDict[Key, Unanswered] = OrderedDict()
         self._limit = limit
         self._streams: Counter[tuple[str, str]] = Counter()
+        self._rounds: OrderedDict[tuple[str, str, str], tuple[str, float]] = OrderedDict()
+        self._opening: dict[tuple[str, str], set[asyncio.Event]] = {}
 
     @contextmanager
     def stream(self, tool: str, agent: str, config: ToolConfig) -> Iterator[None]:
@@ -85,6 +100,57 @@ class McpInFlight:
         if not session or not self._unanswered:
             return None
         return self._unanswered.pop((tool, session, repr(request_id)), None)
+
+    def remember_round(self, call: Call, request_state: Any) -> None:
+        """An ``input_required`` result was relayed: its ``requestState`` names this run."""
+        if not isinstance(request_state, str) or not request_state:
+            return
+        key = (call.tool_name, call.agent_id, _digest(request_state))
+        self._rounds[key] = (call.run_id, time.monotonic() + ROUND_TTL_S)
+        _bound(self._rounds, self._limit)
+
+    def round_run(self, tool: str, agent: str, request_state: Any) -> str | None:
+        """The run of the call whose earlier round issued ``request_state``, if remembered."""
+        if not isinstance(request_state, str) or not request_state:
+            return None
+        entry = self._rounds.get((tool, agent, _digest(request_state)))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    @asynccontextmanager
+    async def opening(self, tool: str, session: str | None) -> AsyncIterator[asyncio.Event]:
+        """A GET stream on its way upstream: set the event once the server accepted it."""
+        opened = asyncio.Event()
+        if not session:
+            yield opened
+            return
+        waiting = self._opening.setdefault((tool, session), set())
+        waiting.add(opened)
+        try:
+            yield opened
+        finally:
+            opened.set()
+            waiting.discard(opened)
+            if not waiting:
+                self._opening.pop((tool, session), None)
+
+    async def streams_opened(self, tool: str, session: str | None) -> None:
+        """Wait until the session's GET streams already on their way are accepted upstream
+        (bounded: a slow server delays the POST, never blocks it)."""
+        waiting = self._opening.get((tool, session)) if session else None
+        if not waiting:
+            return
+        pending = [asyncio.ensure_future(event.wait()) for event in waiting]
+        try:
+            await asyncio.wait(pending, timeout=STREAM_OPEN_WAIT_S)
+        finally:
+            for task in pending:
+                task.cancel()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _bound(entries: OrderedDict[Any, Any], limit: int) -> None:

@@ -393,9 +393,28 @@ def _answers(obj: Any, request_id: RequestId | None) -> bool:
     )
 
 
-PROTOCOL_ERRORS = frozenset({PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS})
-"""JSON-RPC errors that refuse a request before it is served: a tools/call so answered
-did not run its tool."""
+HEADER_MISMATCH = -32020
+"""2026-07-28: a routing header that disagrees with the body it travels with."""
+MISSING_CLIENT_CAPABILITY = -32021
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+URL_ELICITATION_REQUIRED = -32042
+"""2025-11-25: the server wants the user at a URL before it serves the request."""
+
+PROTOCOL_ERRORS = frozenset(
+    {
+        PARSE_ERROR,
+        INVALID_REQUEST,
+        METHOD_NOT_FOUND,
+        INVALID_PARAMS,
+        HEADER_MISMATCH,
+        MISSING_CLIENT_CAPABILITY,
+        UNSUPPORTED_PROTOCOL_VERSION,
+        URL_ELICITATION_REQUIRED,
+    }
+)
+"""JSON-RPC errors that refuse a request before it is served: a tools/call so answered did
+not run its tool, so its key is released and the corrected call runs (Stripe keeps no
+result for a request that failed validation)."""
 
 
 class ResponseKind(StrEnum):

@@ -81,8 +81,17 @@ def identity_encoding(call: Call) -> None:
 class ListFilter:
     """Rewrites tools/list answers: tools the policy's ``visible`` rule rejects are removed."""
 
-    def __init__(self, request: web.Request, deps: Deps, ident: Identity, session: str | None):
+    def __init__(
+        self,
+        request: web.Request,
+        deps: Deps,
+        ident: Identity,
+        session: str | None,
+        *,
+        modern: bool = False,
+    ):
         self.request, self.deps, self.ident, self.session = request, deps, ident, session
+        self.modern = modern
         self.catalog = catalog(request)
 
     async def message(self, obj: Any) -> Any | None:
@@ -108,9 +117,15 @@ class ListFilter:
         try:
             shown = await self.visible(tools)
         except HandrailError as exc:
-            return render_error(exc, obj.get("id"), self.ident.trace_id)[1]
-        self.ident.span.set_attribute("handrail.mcp.tools.hidden", len(tools) - len(shown))
-        return {**obj, "result": {**result, "tools": shown}}
+            return render_error(exc, obj.get("id"), self.ident.trace_id, modern=self.modern)[1]
+        hidden = len(tools) - len(shown)
+        self.ident.span.set_attribute("handrail.mcp.tools.hidden", hidden)
+        rewritten = {**result, "tools": shown}
+        if hidden and rewritten.get("cacheScope") == "public":
+            # What this agent may see is not what every caller may: keep it out of shared
+            # caches (2026-07-28 cacheable lists); every other cache field stays as sent.
+            rewritten["cacheScope"] = "private"
+        return {**obj, "result": rewritten}
 
     def late_answer(self, message: Any, data: str) -> None:
         """A tools/call response arriving on a resumed stream settles that call's key."""
@@ -160,9 +175,9 @@ class ListFilter:
         return jsonrpc.render_event(data, event=event.event, event_id=event.id)
 
 
-def _timeout(method: str, timeout_s: float) -> aiohttp.ClientTimeout:
+def _timeout(long_lived: bool, timeout_s: float) -> aiohttp.ClientTimeout:
     # ``connect`` bounds the wait for a connection from the tool's pool, too.
-    if method == "GET":  # the server's event stream may stay open and quiet for hours
+    if long_lived:  # an event stream (GET, subscriptions/listen) may stay quiet for hours
         return aiohttp.ClientTimeout(
             total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=None
         )
@@ -171,26 +186,38 @@ def _timeout(method: str, timeout_s: float) -> aiohttp.ClientTimeout:
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Passage:
+    """How one unguarded message travels: its session and revision, whether its answer is
+    an event stream that may stay quiet for hours, and who to tell once the server took it."""
+
+    session: str | None
+    modern: bool = False
+    long_lived: bool = False
+    on_open: Callable[[], None] | None = None
+
+
 async def pass_through(
     request: web.Request,
     deps: Deps,
     ident: Identity,
     body: bytes,
     parsed: jsonrpc.Body | None,
-    session: str | None,
+    passage: Passage,
 ) -> web.StreamResponse:
     single = parsed.messages[0] if parsed is not None and not parsed.batch else None
     try:
-        return await _forward(request, deps, ident, body, session)
+        return await _forward(request, deps, ident, body, passage)
     except HandrailError as exc:
         if single is None or not single.is_request:
             raise
-        return json_response(*render_error(exc, single.id, ident.trace_id))
+        return json_response(*render_error(exc, single.id, ident.trace_id, modern=passage.modern))
 
 
 async def _forward(
-    request: web.Request, deps: Deps, ident: Identity, body: bytes, session: str | None
+    request: web.Request, deps: Deps, ident: Identity, body: bytes, passage: Passage
 ) -> web.StreamResponse:
+    session = passage.session
     call = bare_call(request, ident, body, session)
     url = upstream_url(ident.tool.upstream, call.path, call.query_string)
     try:
@@ -199,7 +226,7 @@ async def _forward(
             url,
             headers=upstream_headers(call, None),
             data=body or None,
-            timeout=_timeout(request.method, ident.tool.timeout_s),
+            timeout=_timeout(passage.long_lived, ident.tool.timeout_s),
             allow_redirects=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
@@ -207,12 +234,14 @@ async def _forward(
         raise UpstreamTimeout(f"MCP server {ident.tool_name!r} did not answer in time") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamUnavailable(f"MCP server {ident.tool_name!r} is unreachable: {exc}") from exc
+    if passage.on_open is not None:
+        passage.on_open()
     try:
         headers = CIMultiDict(response_headers(list(upstream.headers.items())))
         if request.method == "DELETE" and upstream.status < 300 and session:
             catalog(request).forget(ident.tool_name, session)
         content_type = upstream.headers.get("Content-Type", "").lower()
-        lists = ListFilter(request, deps, ident, session)
+        lists = ListFilter(request, deps, ident, session, modern=passage.modern)
         if content_type.startswith("text/event-stream"):
             return await _relay_events(request, upstream, headers, lists)
         if "json" in content_type and upstream.status == 200 and request.method == "POST":

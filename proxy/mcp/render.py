@@ -56,22 +56,35 @@ def is_tool_refusal(exc: HandrailError) -> bool:
     return isinstance(exc, (PolicyDenied, ResultBlocked))
 
 
-def refusal_result(exc: HandrailError, trace_id: str | None) -> dict[str, Any]:
-    """A CallToolResult with ``isError``; ``_meta.handrail`` keeps the machine-readable facts."""
+def refusal_result(
+    exc: HandrailError, trace_id: str | None, *, modern: bool = False
+) -> dict[str, Any]:
+    """A CallToolResult with ``isError``; ``_meta.handrail`` keeps the machine-readable facts.
+
+    ``modern`` (2026-07-28 on): every result names its ``resultType``, without which the
+    client's SDK rejects the message and the model never reads the reasons.
+    """
     facts = exc.body(trace_id)["error"]
-    return {
+    result: dict[str, Any] = {
         "content": [{"type": "text", "text": refusal_text(exc)}],
         "isError": True,
         "_meta": {"handrail": facts},
     }
+    if modern:
+        result["resultType"] = "complete"
+    return result
 
 
 def render_error(
-    exc: HandrailError, request_id: RequestId | None, trace_id: str | None
+    exc: HandrailError,
+    request_id: RequestId | None,
+    trace_id: str | None,
+    *,
+    modern: bool = False,
 ) -> tuple[int, dict[str, Any]]:
     """``(http_status, message)`` for an error that ended a JSON-RPC request."""
     if is_tool_refusal(exc):
-        return 200, result_message(request_id, refusal_result(exc, trace_id))
+        return 200, result_message(request_id, refusal_result(exc, trace_id, modern=modern))
     code = INVALID_REQUEST if isinstance(exc, _INVALID_REQUEST_ERRORS) else SERVER_ERROR
     data = exc.body(trace_id)["error"]
     return exc.status, error_message(request_id, code, exc.message, data)

@@ -42,9 +42,18 @@ class Store(Protocol):
         ``owner`` (default: a new one) lets the caller free a claim whose answer it lost.
         """
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
-        """Keep the response for replay until the record's expiry (also from ``unknown``:
-        a late answer of the owner's settles it). False: the record is no longer ours."""
+    async def complete(
+        self,
+        tool: str,
+        key: str,
+        owner: str,
+        response: StoredResponse,
+        *,
+        keep_s: float | None = None,
+    ) -> bool:
+        """Keep the response for replay until the record's expiry, or for ``keep_s`` from
+        now when given (also from ``unknown``: a late answer of the owner's settles it).
+        False: the record is no longer ours."""
 
     async def release(self, tool: str, key: str, owner: str) -> bool:
         """Drop an owned record so that a retry runs the tool: it cannot have run."""

@@ -167,7 +167,15 @@ class PostgresStore:
         async with self._connection() as conn:
             return bool(_affected(await conn.execute(sql, *args)))
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
+    async def complete(
+        self,
+        tool: str,
+        key: str,
+        owner: str,
+        response: StoredResponse,
+        *,
+        keep_s: float | None = None,
+    ) -> bool:
         return await self._change(
             sql.COMPLETE,
             tool,
@@ -177,6 +185,7 @@ class PostgresStore:
             encode_headers(response.headers),
             response.body,
             response.complete,
+            keep_s,
         )
 
     async def release(self, tool: str, key: str, owner: str) -> bool:

@@ -103,7 +103,8 @@ WHERE tool = $1 AND key = $2 AND owner = $3 AND state = 'in_flight' AND lease_un
 
 COMPLETE = """
 UPDATE handrail_idempotency
-SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7, reason = NULL
+SET state = 'completed', status = $4, headers = $5, body = $6, complete = $7, reason = NULL,
+    expires_at = COALESCE(now() + make_interval(secs => $8::float8), expires_at)
 WHERE tool = $1 AND key = $2 AND owner = $3 AND state IN ('in_flight', 'unknown')
 """
 

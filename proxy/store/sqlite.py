@@ -469,12 +469,21 @@ class SqliteStore:
                 return answer
         raise StoreUnavailable(f"could not settle a claim on key {key!r} (too much contention)")
 
-    async def complete(self, tool: str, key: str, owner: str, response: StoredResponse) -> bool:
+    async def complete(
+        self,
+        tool: str,
+        key: str,
+        owner: str,
+        response: StoredResponse,
+        *,
+        keep_s: float | None = None,
+    ) -> bool:
         params = (
             response.status,
             encode_headers(response.headers),
             response.body,
             int(response.complete),
+            None if keep_s is None else time.time() + keep_s,
             tool,
             key,
             owner,

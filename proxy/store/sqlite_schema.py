@@ -114,7 +114,8 @@ WHERE tool = ? AND key = ? AND owner = ? AND state = 'in_flight' AND lease_until
 
 COMPLETE = """
 UPDATE handrail_idempotency
-SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?, reason = NULL
+SET state = 'completed', status = ?, headers = ?, body = ?, complete = ?, reason = NULL,
+    expires_at = COALESCE(?, expires_at)
 WHERE tool = ? AND key = ? AND owner = ? AND state IN ('in_flight', 'unknown')
 """
 

@@ -53,6 +53,7 @@ URL_PATH = "url.path"
 ERROR_TYPE = "error.type"
 MCP_METHOD_NAME = "mcp.method.name"
 MCP_SESSION_ID = "mcp.session.id"
+MCP_PROTOCOL_VERSION = "mcp.protocol.version"
 JSONRPC_REQUEST_ID = "jsonrpc.request.id"
 JSONRPC_PROTOCOL_VERSION = "jsonrpc.protocol.version"
 
@@ -193,6 +194,8 @@ def call_attributes(call: Call, capture: CaptureConfig) -> dict[str, AttributeVa
         attrs[JSONRPC_PROTOCOL_VERSION] = "2.0"
         if mcp.session_id:
             attrs[MCP_SESSION_ID] = mcp.session_id
+        if mcp.protocol_version:
+            attrs[MCP_PROTOCOL_VERSION] = mcp.protocol_version
         if mcp.request_id is not None:
             attrs[JSONRPC_REQUEST_ID] = str(mcp.request_id)
     input_value, output_value = captured(call, capture)
