@@ -22,6 +22,19 @@ class Background:
         task.add_done_callback(self._done)
         return task
 
+    def keep(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Work whose caller awaits it and handles its failure, but which must not be cut
+        short with the caller: if the caller is cancelled, it finishes here."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._kept)
+        return task
+
+    def _kept(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # the caller handled it, or left: either way it is recorded
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:

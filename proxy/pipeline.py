@@ -44,6 +44,14 @@ from proxy.upstream import send_upstream
 logger = logging.getLogger(__name__)
 
 
+async def run_to_the_end(call: Call, deps: Deps) -> None:
+    """``run``, carried on when the agent's request is cancelled (a server that cancels the
+    handlers of closed connections, a shutdown): a call that reached the tool still has its
+    answer read and its key settled, so the retry is replayed instead of refused."""
+    task = deps.background.keep(run(call, deps))
+    await asyncio.shield(task)
+
+
 async def run(call: Call, deps: Deps) -> None:
     try:
         prepare_key(call)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import mcp_types
 import uvicorn
 from fastmcp import Context, FastMCP
 from mcp_types import ToolListChangedNotification
@@ -69,6 +70,28 @@ def build_server(executions: Counter[str]) -> FastMCP[Any]:
         executions["announce_on_stream"] += 1
         await ctx.session.send_notification(ToolListChangedNotification())
         return "announced"
+
+    @mcp.tool(annotations={"destructiveHint": False})
+    async def transfer(amount: int, ctx: Context) -> str | mcp_types.InputRequiredResult:
+        """2026-07-28 multi round-trip: asks for a confirmation, then moves the money."""
+        responses = ctx.input_responses
+        if not responses or "confirm" not in responses:
+            executions["transfer.asked"] += 1
+            question = mcp_types.ElicitRequest(
+                params=mcp_types.ElicitRequestFormParams(
+                    message=f"Transfer {amount}?",
+                    requested_schema={  # type: ignore[arg-type]
+                        "type": "object",
+                        "properties": {"confirm": {"type": "boolean"}},
+                        "required": ["confirm"],
+                    },
+                )
+            )
+            return mcp_types.InputRequiredResult(
+                input_requests={"confirm": question}, request_state=f"transfer:{amount}"
+            )
+        executions["transfer"] += 1
+        return f"transfer #{executions['transfer']} of {amount} done"
 
     return mcp
 

@@ -118,7 +118,7 @@ async def handle_tool(request: web.Request) -> web.StreamResponse:
         reply = HttpReply(request, capture_limit(deps.config))
         call = new_call(request, ident, body=body, json_body=json_body, reply=reply)
         try:
-            await pipeline.run(call, deps)
+            await pipeline.run_to_the_end(call, deps)
         except HandrailError:
             if reply.response is not None and reply.response.prepared:
                 # Headers are gone already: break the connection so the agent sees a failure.

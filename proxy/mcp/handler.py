@@ -171,7 +171,7 @@ async def _tools_call(
             call.run_id = first_run
     identity_encoding(call)
     try:
-        await pipeline.run(call, deps)
+        await pipeline.run_to_the_end(call, deps)
     except HandrailError as exc:
         if reply.response is not None and reply.response.prepared:
             # The stream has begun: break it so the agent sees the failure.
