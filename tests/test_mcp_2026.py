@@ -500,3 +500,48 @@ async def test_a_post_waits_for_the_session_stream_the_agent_opened_first(
         assert response.status == 200
     assert seen == [True]
     (await get).close()
+
+
+async def test_an_answer_kept_under_a_handshake_revision_replays_valid_for_2026(
+    proxy: TestClient, mcp_server: McpServer
+) -> None:
+    """One key, two revisions: the 2025-11-25 answer (no ``resultType``) is replayed to the
+    2026-07-28 retry with the field that revision requires."""
+    headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
+    hello = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": HANDSHAKE,
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"},
+        },
+    }
+    async with proxy.post("/tools/mcp", json=hello, headers=headers) as response:
+        session = response.headers["Mcp-Session-Id"]
+    legacy = {**headers, "Mcp-Session-Id": session, "MCP-Protocol-Version": HANDSHAKE}
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with proxy.post("/tools/mcp", json=initialized, headers=legacy) as response:
+        assert response.status == 202
+    arguments = {"to": "a@example.com", "body": "once"}
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    call["params"] = {"name": "send_email", "arguments": arguments}
+    keyed = {**legacy, "Idempotency-Key": "k-both-eras"}
+    async with proxy.post("/tools/mcp", json=call, headers=keyed) as response:
+        raw = await response.read()
+    parser = SseParser()
+    first = [event_message(e) for e in parser.feed(raw) + parser.close()] or [json.loads(raw)]
+    assert "resultType" not in first[-1]["result"]
+    params = call_params("send_email", arguments)
+    _, again = await post(
+        proxy,
+        "tools/call",
+        params,
+        request_id=2,
+        name="send_email",
+        headers={"Idempotency-Key": "k-both-eras"},
+    )
+    assert again["result"]["resultType"] == "complete"
+    methods.validate_server_result("tools/call", MODERN, again["result"])
+    assert mcp_server.executions["send_email"] == 1

@@ -148,7 +148,7 @@ async def _tools_call(
     link_meta_context(ident.span, params)
     meta = params.get("_meta")
     annotations = await annotations_for(request, deps, ident, name, session, meta)
-    reply = McpReply(request, capture_limit(deps.config), message.id)
+    reply = McpReply(request, capture_limit(deps.config), message.id, modern=passage.modern)
     call = new_call(
         request,
         ident,

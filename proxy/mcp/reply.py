@@ -34,16 +34,21 @@ SESSION_HEADER = "Mcp-Session-Id"
 class McpReply:
     """Streams a tools/call answer to the agent; keeps only its JSON-RPC response message."""
 
-    def __init__(self, request: web.Request, capture_bytes: int, request_id: Any) -> None:
+    def __init__(
+        self, request: web.Request, capture_bytes: int, request_id: Any, *, modern: bool = False
+    ) -> None:
         self.request = request
         self.capture_bytes = capture_bytes
         self.request_id = request_id
+        self.modern = modern
         self.response: web.StreamResponse | None = None
 
     async def replay(self, call: Call, stored: StoredResponse) -> None:
         body = stored.body
         try:
             body = jsonrpc.with_id(stored.body, self.request_id)
+            if self.modern:
+                body = _with_result_type(body)
         except ValueError:
             logger.warning("stored MCP answer is not a JSON-RPC message; replaying it as kept")
         headers = CIMultiDict((k, v) for k, v in stored.headers if k.lower() != "mcp-session-id")
@@ -132,6 +137,18 @@ class McpReply:
             call.outcome = Outcome.NOT_RUN  # the server could not read the request at all
         else:
             call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.NO_RESPONSE
+
+
+def _with_result_type(message: bytes) -> bytes:
+    """A result kept from an earlier revision, replayed to a 2026-07-28 request, names its
+    ``resultType`` as that revision requires (kept answers are complete, never interim)."""
+    if b'"resultType"' in message or b'"result"' not in message:
+        return message
+    obj = jsonrpc.loads_answer(message)
+    result = obj.get("result") if isinstance(obj, dict) else None
+    if not isinstance(result, dict) or "resultType" in result:
+        return message
+    return jsonrpc.dumps({**obj, "result": {**result, "resultType": "complete"}})
 
 
 async def _scrubbed(body: AsyncIterator[bytes], scrubber: StreamScrubber) -> AsyncIterator[bytes]:
