@@ -19,14 +19,15 @@ meantime gets the 409 of a call in flight).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from proxy.call import Call, DecisionKind
+from proxy.call import Call, DecisionKind, UnknownReason
 from proxy.deps import Deps
 from proxy.errors import HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
@@ -43,13 +44,58 @@ from proxy.upstream import send_upstream
 
 logger = logging.getLogger(__name__)
 
+CONNECTED_POLL_S = 0.25
+"""How often a call that ends when its agent leaves looks whether the agent is still there."""
+
 
 async def run_to_the_end(call: Call, deps: Deps) -> None:
     """``run``, carried on when the agent's request is cancelled (a server that cancels the
     handlers of closed connections, a shutdown): a call that reached the tool still has its
     answer read and its key settled, so the retry is replayed instead of refused."""
     task = deps.background.keep(run(call, deps))
-    await asyncio.shield(task)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _hold_until_recorded(call, task)
+        raise
+
+
+async def run_while_connected(call: Call, deps: Deps, connected: Callable[[], bool]) -> None:
+    """``run``, cancelled when the agent leaves before the call's answer is in hand.
+
+    MCP 2026-07-28: a client cancels a request by closing its stream, and the server stops
+    the tool when it sees the close; so does Handrail, by closing its own request to the
+    server. The key's outcome is then ``unknown`` (the tool may have done its work before
+    the cancel reached it): a re-issued call gets 409 ``outcome_unknown``, never a second
+    run. Once the answer is in hand (``call.delivered``) the call finishes and is kept.
+    """
+    task = deps.background.keep(run(call, deps))
+    try:
+        while not task.done() and not call.delivered:
+            await asyncio.wait({task}, timeout=CONNECTED_POLL_S)
+            if not task.done() and not call.delivered and not connected():
+                _cancel(call, task)
+                with contextlib.suppress(asyncio.CancelledError, HandrailError):
+                    await task
+                return
+        await asyncio.shield(task)
+    except asyncio.CancelledError:  # the server cancelled the handler: the agent has gone
+        if not task.done() and not call.delivered:
+            _cancel(call, task)
+        _hold_until_recorded(call, task)
+        raise
+
+
+def _cancel(call: Call, task: asyncio.Task[None]) -> None:
+    call.client_gone = True
+    call.unknown_reason = UnknownReason.CANCELLED
+    task.cancel()
+
+
+def _hold_until_recorded(call: Call, task: asyncio.Task[None]) -> None:
+    """The handler unwinds before the call is recorded: its span must not end unnamed."""
+    if not task.done() and isinstance(call.span, TracerSpan):
+        call.span.hold()
 
 
 async def run(call: Call, deps: Deps) -> None:

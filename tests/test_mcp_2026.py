@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 from aiohttp import web
@@ -23,11 +25,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from proxy.config import Config
 from proxy.errors import PolicyDenied
 from proxy.mcp.jsonrpc import SseParser, event_message
 from proxy.mcp.render import render_error
 from tests.conftest import ProxyFactory
 from tests.mcp_server import McpServer, start_mcp_server
+from tests.support_faults import running_proxy
 from tests.test_mcp import MCP_POLICY, endpoint
 
 MODERN = "2026-07-28"
@@ -69,7 +73,7 @@ def traceparent(span: int) -> str:
 
 
 async def post(
-    client: TestClient,
+    client: TestClient | Served,
     method: str,
     params: dict[str, Any],
     *,
@@ -243,39 +247,99 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_a_call_reissued_after_a_broken_stream_is_replayed_in_the_same_trace(
-    proxy: TestClient,
+@dataclass
+class Served:
+    """A proxy as an agent reaches it: the aiohttp test server (which cancels the handler
+    of a closed connection) or the production server (which does not)."""
+
+    host: str
+    port: int
+    session: aiohttp.ClientSession
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.session.post(f"http://{self.host}:{self.port}{path}", **kwargs)
+
+
+@pytest.fixture(params=["test-server", "production"])
+async def served(
+    request: pytest.FixtureRequest,
+    make_config: Callable[..., Config],
     mcp_server: McpServer,
-) -> None:
-    """2026-07-28 has no resumable streams: the client re-issues the call with a new id.
-    The trace of ``_meta.traceparent`` (the agent's turn) makes it the same run, so the
-    same derived key: the tool's answer is replayed, and it ran once."""
-    params = call_params("count_slowly", {"n": 30}, traceparent=traceparent(1), progressToken=1)
-    headers = {
-        "Accept": ACCEPT,
-        "Content-Type": "application/json",
-        "MCP-Protocol-Version": MODERN,
-        "Mcp-Method": "tools/call",
-        "Mcp-Name": "count_slowly",
-    }
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
-    response = await proxy.post("/tools/mcp", json=body, headers=headers)
-    assert response.headers["Content-Type"].startswith("text/event-stream")
-    await response.content.readany()  # the first progress event: the tool is running
-    response.connection.transport.abort()  # type: ignore[union-attr]  # the stream breaks
-    response.release()
-    await wait_for(lambda: mcp_server.executions["count_slowly"] == 1)
-    retry = call_params("count_slowly", {"n": 30}, traceparent=traceparent(2), progressToken=2)
-    for attempt in range(100):  # 409 while the first attempt still runs, then the replay
+    make_proxy: ProxyFactory,
+) -> AsyncIterator[Served]:
+    tools = {"mcp": {"upstream": mcp_server.url, "kind": "mcp", "timeout_s": 10}}
+    if request.param == "test-server":
+        client = await make_proxy(tools)
+        yield Served(str(client.server.host), int(client.server.port or 0), client.session)
+        return
+    async with aiohttp.ClientSession() as session:
+        async with running_proxy(make_config(tools), session) as running:
+            yield Served(running.host, running.port, session)
+
+
+def raw_call(proxy: Served, request_id: int, params: dict[str, Any], name: str) -> bytes:
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+    ).encode()
+    head = (
+        f"POST /tools/mcp HTTP/1.1\r\nHost: {proxy.host}:{proxy.port}\r\n"
+        f"Accept: {ACCEPT}\r\nContent-Type: application/json\r\n"
+        f"MCP-Protocol-Version: {MODERN}\r\nMcp-Method: tools/call\r\nMcp-Name: {name}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def reissue(proxy: Served, params: dict[str, Any], name: str) -> tuple[int, Any]:
+    """The client's re-issue under new ids; 409 while the first attempt is still held."""
+    for attempt in range(100):
         status, answer = await post(
-            proxy, "tools/call", retry, request_id=2 + attempt, name="count_slowly"
+            proxy, "tools/call", params, request_id=100 + attempt, name=name
         )
-        if status != 409:
-            break
+        if status != 409 or answer["error"]["data"]["code"] != "idempotency_key_in_use":
+            return status, answer
         await asyncio.sleep(0.05)
+    raise AssertionError("the first attempt never settled")
+
+
+async def test_an_answer_in_hand_when_the_stream_breaks_is_replayed_to_the_reissued_call(
+    served: Served, mcp_server: McpServer
+) -> None:
+    """The tool answered, Handrail has the answer, the agent's connection breaks before it
+    read it: the client re-issues the call (new id, same turn's trace) and gets the answer
+    the tool gave, which ran once."""
+    arguments = {"to": "a@example.com", "body": "once"}
+    params = call_params("send_email", arguments, traceparent=traceparent(1))
+    _, writer = await asyncio.open_connection(served.host, served.port)
+    writer.write(raw_call(served, 1, params, "send_email"))
+    await writer.drain()
+    await wait_for(lambda: mcp_server.executions["send_email"] == 1)
+    await asyncio.sleep(0.3)  # the answer is on its way into the agent's socket, unread
+    writer.transport.abort()  # the stream breaks (RST) before the agent read a byte
+    again = call_params("send_email", arguments, traceparent=traceparent(2))
+    status, answer = await reissue(served, again, "send_email")
     assert status == 200, answer
-    assert answer["id"] == 2 + attempt
-    assert answer["result"]["content"][0]["text"] == "counted to 30"
+    assert answer["result"]["content"][0]["text"] == "sent #1 to a@example.com"
+    assert mcp_server.executions["send_email"] == 1
+
+
+async def test_closing_the_stream_cancels_the_call_and_a_reissue_does_not_run_it_again(
+    served: Served, mcp_server: McpServer
+) -> None:
+    """2026-07-28: a client cancels by closing its stream. Handrail closes its own request,
+    so the server stops the tool as it would direct; whether the tool did its work before
+    the cancel is unknown, so the re-issued call gets 409 ``outcome_unknown``."""
+    params = call_params("count_slowly", {"n": 200}, traceparent=traceparent(1), progressToken=1)
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    writer.write(raw_call(served, 1, params, "count_slowly"))
+    await writer.drain()
+    assert b"200 OK" in await reader.readuntil(b"\r\n\r\n")  # the stream has begun
+    writer.transport.abort()
+    again = call_params("count_slowly", {"n": 200}, traceparent=traceparent(2), progressToken=2)
+    status, answer = await reissue(served, again, "count_slowly")
+    assert status == 409, answer
+    assert answer["error"]["data"]["code"] == "outcome_unknown"
+    assert answer["error"]["data"]["reason"] == "cancelled"
     assert mcp_server.executions["count_slowly"] == 1
 
 

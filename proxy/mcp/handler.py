@@ -48,6 +48,8 @@ VERSION_HEADER = "MCP-Protocol-Version"
 KEY_META = "io.handrail/idempotencyKey"
 """A ``params._meta`` member that is the call's Idempotency-Key, for clients that cannot set
 a header per call: a new value makes a deliberate repeat of the same call run again."""
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request its client closed: logged, never seen by anyone."""
 STREAM_METHODS = frozenset({"subscriptions/listen"})
 """POSTs whose answer is an event stream that lives as long as the client wants it."""
 
@@ -171,7 +173,10 @@ async def _tools_call(
             call.run_id = first_run
     identity_encoding(call)
     try:
-        await pipeline.run_to_the_end(call, deps)
+        if passage.modern:  # closing the stream is how a 2026-07-28 client cancels
+            await pipeline.run_while_connected(call, deps, lambda: _connected(request))
+        else:  # the handshake revisions cancel by notification; a hang-up is not one
+            await pipeline.run_to_the_end(call, deps)
     except HandrailError as exc:
         if reply.response is not None and reply.response.prepared:
             # The stream has begun: break it so the agent sees the failure.
@@ -180,8 +185,13 @@ async def _tools_call(
             return reply.response
         rendered = render_error(exc, message.id, ident.trace_id, modern=passage.modern)
         return json_response(*rendered)
-    assert reply.response is not None
+    if reply.response is None:  # cancelled by the agent before any answer: nobody to tell
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     return reply.response
+
+
+def _connected(request: web.Request) -> bool:
+    return request.transport is not None and not request.transport.is_closing()
 
 
 def _meta_key(params: dict[str, Any], header_key: str | None) -> str | None:
