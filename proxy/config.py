@@ -181,8 +181,24 @@ class PolicyConfig(_Model):
         return self.entrypoint.rsplit("/", 1)[0] if "/" in self.entrypoint else ""
 
 
+class NotifyConfig(_Model):
+    url: str | None = None
+    """A webhook that gets a JSON POST for each new approval request (Slack/Teams-ready)."""
+    timeout_s: float = Field(5, gt=0)
+
+
 class ApprovalsConfig(_Model):
     wait_s: float = Field(30, ge=0)
+    """How long a held call waits for a decision before answering ``approval_pending``."""
+    ttl_s: float = Field(86400, gt=0)
+    """An approval request (and an approval not yet spent) expires after this long."""
+    notify: NotifyConfig = NotifyConfig()
+    ui_url: str | None = None
+    """Where people open the approval page (links in notifications and MCP elicitations);
+    default: the admin listener's ``/ui``."""
+    signing_key: str | None = None
+    """Signs approval links and MCP ``requestState``; set the same one on every replica
+    (default: derived from ``admin.token``, else random per process)."""
 
 
 class StoreConfig(_Model):

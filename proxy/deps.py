@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry.trace import Tracer
 
+from proxy.approvals.gate import Approvals
 from proxy.background import Background
 from proxy.config import Config
 from proxy.metrics import Metrics
@@ -24,4 +25,5 @@ class Deps:
     tracer: Tracer
     pools: Pools
     metrics: Metrics
-    background: Background = field(default_factory=Background)
+    approvals: Approvals
+    background: Background

@@ -94,3 +94,14 @@ class Metrics:
             ["tool"],
             registry=r,
         )
+        self.approvals = Counter(
+            "handrail_approvals",
+            "Approval requests: requested, approved, rejected, and used (let one call through).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.approval_notify_failures = Counter(
+            "handrail_approval_notify_failures",
+            "Approval notifications the webhook did not take (the request still waits in /ui).",
+            registry=r,
+        )

@@ -1,13 +1,15 @@
 """The steps of one tool call, in order; nothing else.
 
-    prepare_key -> decide -> claim_key -> forward -> check_result -> deliver
+    prepare_key -> decide -> claim_key -> hold -> forward -> check_result -> deliver
     finally: settle_key, record
 
 A step ends the call by raising a ``HandrailError`` or by setting ``call.response``
 (a replay); later steps look at ``call.response`` first. ``settle_key`` and ``record``
 always run, so a deny is counted, journaled and traced like any other call.
 
-The key's steps live in ``proxy.idempotency``, which also says how a key is settled.
+The key's steps live in ``proxy.idempotency``, which also says how a key is settled; a call
+the policy holds for a person waits in ``hold`` (``proxy.approvals.gate``) with its key
+claimed, so its retries find the same request and the approval lets one execution through.
 The store is asked for the key while the policy decides (``start_claim``): the two waits
 overlap, which hides a PostgreSQL round trip, or the SQLite statement, behind the policy's
 evaluation. Nothing is decided on the claim until the policy has allowed the call: a deny
@@ -109,6 +111,7 @@ async def run(call: Call, deps: Deps) -> None:
                 await asyncio.shield(drop_claim(claiming, call, deps))
             raise
         await claim_key(call, deps, claiming)
+        await hold(call, deps)
         await forward(call, deps)
         await check_result(call, deps)
         await deliver(call, deps)
@@ -177,20 +180,11 @@ async def decide(call: Call, deps: Deps) -> None:
         if decision.cached:
             span.set_attribute(DECISION_CACHED, True)
             deps.metrics.policy_cache_hits.inc()
-        if decision.kind is not DecisionKind.ALLOW:
+        if decision.kind is DecisionKind.DENY:
             await deps.store.refund_call(run_key(call), write=call.unsafe)
-    if decision.kind is DecisionKind.ALLOW:
-        return
+    if decision.kind is not DecisionKind.DENY:
+        return  # allowed, or held: ``hold`` waits for a person once the key is claimed
     reasons = list(decision.reasons)
-    if decision.kind is DecisionKind.APPROVAL:
-        # Human approval lands in a later release: until then a hold is refused (fail closed).
-        reasons = reasons or ["the policy requires human approval"]
-        raise PolicyDenied(
-            "held for human approval, which this proxy does not offer yet: " + "; ".join(reasons),
-            reasons=reasons,
-            decision_id=decision.decision_id,
-            require_approval=True,
-        )
     raise PolicyDenied(
         "denied by policy: " + ("; ".join(reasons) if reasons else "no reason given"),
         reasons=reasons,
@@ -213,6 +207,22 @@ async def _refund_undecided(call: Call, deps: Deps) -> None:
             exc.message,
             extra={"tool": call.tool_name, "run_id": call.run_id, "trace_id": call.trace_id},
         )
+
+
+async def hold(call: Call, deps: Deps) -> None:
+    """A call the policy holds waits for a person (``proxy.approvals.gate``); a replay of
+    an earlier execution needs no approval, it runs nothing."""
+    if call.decision is None or call.decision.kind is not DecisionKind.APPROVAL:
+        return
+    if call.response is not None:
+        return
+    bound = call.extra.get("approval_bound")
+    try:
+        approval = await deps.approvals.hold(call, bound if isinstance(bound, str) else None)
+    except BaseException:
+        await asyncio.shield(deps.store.refund_call(run_key(call), write=call.unsafe))
+        raise
+    call.extra["approval_id"] = approval.id
 
 
 async def forward(call: Call, deps: Deps) -> None:

@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.approvals import api as approvals_api
+from proxy.approvals import ui as approvals_ui
 from proxy.errors import BadRequest, HandrailError
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import error_middleware
@@ -40,6 +42,8 @@ class NotUnknown(HandrailError):
 
 PROBES = frozenset({"/healthz", "/readyz"})
 """Open without the token: a kubelet's probe carries none, and they reveal no call data."""
+UI_PREFIX = "/ui"
+"""The approval page checks its own way in (a login cookie, or a signed link)."""
 
 
 def _bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
@@ -47,13 +51,17 @@ def _bearer_auth(token: str) -> web.middleware:  # type: ignore[valid-type]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PROBES:
+        if request.path not in PROBES and not _is_ui(request.path):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 raise Unauthorized("a valid admin bearer token is required")
         return await handler(request)
 
     return check
+
+
+def _is_ui(path: str) -> bool:
+    return path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -150,15 +158,6 @@ async def reload_policies(request: web.Request) -> web.Response:
     return web.json_response(asdict(status), status=200 if status.ready else 503)
 
 
-async def approvals(request: web.Request) -> web.Response:
-    # Held calls are refused until human approval lands, so there is never one waiting.
-    return web.json_response({"approvals": []})
-
-
-async def decide_approval(request: web.Request) -> web.Response:
-    raise NotFound(f"no approval {request.match_info['id']!r} is waiting")
-
-
 def build_admin_app(data_app: web.Application) -> web.Application:
     token = data_app[CONFIG].admin.token
     middlewares = [error_middleware] + ([_bearer_auth(token)] if token else [])
@@ -172,6 +171,6 @@ def build_admin_app(data_app: web.Application) -> web.Application:
     app.router.add_get("/keys/{tool}/{key}", key_record)
     app.router.add_post("/keys/{tool}/{key}", resolve_key)
     app.router.add_post("/policies/reload", reload_policies)
-    app.router.add_get("/approvals", approvals)
-    app.router.add_post("/approvals/{id}", decide_approval)
+    approvals_api.add_routes(app, data_app)
+    approvals_ui.add_routes(app, data_app)
     return app

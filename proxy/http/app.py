@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
+from proxy.approvals.gate import Approvals
+from proxy.approvals.store import approvals_store as approvals_store_for
+from proxy.background import Background
 from proxy.config import Config, redact_url
 from proxy.deps import Deps
 from proxy.errors import ConfigError, StoreUnavailable
@@ -90,6 +93,15 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(journal.close)
         pools = Pools(config.tools)
         stack.push_async_callback(pools.close)
+        approvals_store = approvals_store_for(config.store)
+        try:
+            await approvals_store.open()
+        except StoreUnavailable as exc:
+            raise ConfigError(
+                f"store.url ({redact_url(config.store.url)}): {exc.message}"
+            ) from None
+        stack.push_async_callback(approvals_store.close)
+        background = Background()
         deps = Deps(
             config=config,
             store=store,
@@ -98,6 +110,8 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             tracer=Tracer(provider),
             pools=pools,
             metrics=metrics,
+            approvals=Approvals(config, approvals_store, metrics, background),
+            background=background,
         )
         app[DEPS] = deps
         # Settles the store refused are retried for a while before the store closes.

@@ -1,0 +1,1 @@
+"""Human approval of held calls, and pinned MCP tool definitions (``approvals_from_config``)."""
