@@ -113,13 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(keys)
 
     approvals = commands.add_parser(
-        "approvals", help="list and decide held calls (not available yet: holds are refused)"
+        "approvals",
+        help="list and decide held calls and changed MCP tool definitions (via the admin API)",
     )
     approvals.add_argument(
         "action", choices=("list", "approve", "reject"), help="what to do with held calls"
     )
     approvals.add_argument("id", nargs="?", help="the approval's id (approve, reject)")
-    approvals.add_argument("--reason", help="why, for the agent and the journal")
+    approvals.add_argument(
+        "--reason", help="why, for the agent (told on a rejection) and the record"
+    )
+    approvals.add_argument(
+        "--state",
+        default="pending",
+        choices=("pending", "approved", "rejected", "used", "expired", "all"),
+        help="list: which requests (default: pending)",
+    )
+    approvals.add_argument(
+        "--admin", metavar="URL", help="the admin API (default: the config's admin listener)"
+    )
+    approvals.add_argument("--json", action="store_true", dest="as_json", help="JSON, for scripts")
     _config_arg(approvals)
 
     replay = commands.add_parser(
@@ -233,11 +246,24 @@ def dispatch(args: argparse.Namespace) -> int:
             out=sys.stdout,
             err=sys.stderr,
         )
-    # approvals and replay: the contract names them; they arrive with human approval and
-    # run replay. Until then, say so plainly instead of pretending.
+    if args.command == "approvals":
+        from proxy.approvals.commands import approvals_command
+
+        return approvals_command(
+            _load(args.config, read_only=True),
+            args.action,
+            args.id,
+            reason=args.reason,
+            state=args.state,
+            admin_url=args.admin,
+            as_json=args.as_json,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    # replay: the contract names it; it arrives with run replay. Until then, say so plainly.
     print(
         f"handrail: '{args.command}' is not available in this version "
-        "(holds are refused; the journal keeps what replay will need)",
+        "(the journal keeps what replay will need)",
         file=sys.stderr,
     )
     return 2

@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from proxy.call import Call, DecisionKind, UnknownReason
 from proxy.deps import Deps
-from proxy.errors import HandrailError, PolicyDenied
+from proxy.errors import BadRequest, HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
 from proxy.policy.input import policy_input
 from proxy.tracing.attributes import (
@@ -216,9 +216,16 @@ async def hold(call: Call, deps: Deps) -> None:
         return
     if call.response is not None:
         return
-    bound = call.extra.get("approval_bound")
+    bound_id = None
+    if (bound := call.extra.get("approval_bound")) is not None:
+        bound_id, fingerprint = bound
+        if fingerprint != call.fingerprint:
+            raise BadRequest(
+                "requestState names an approval given for other arguments: send the call "
+                "again without it, for an approval of its own"
+            )
     try:
-        approval = await deps.approvals.hold(call, bound if isinstance(bound, str) else None)
+        approval = await deps.approvals.hold(call, bound_id)
     except BaseException:
         await asyncio.shield(deps.store.refund_call(run_key(call), write=call.unsafe))
         raise

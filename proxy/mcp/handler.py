@@ -23,11 +23,13 @@ from opentelemetry.trace import Span, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy import pipeline
+from proxy.approvals.model import BadToken, is_ours, verify
 from proxy.call import McpCall
 from proxy.deps import Deps
-from proxy.errors import HandrailError
+from proxy.errors import ApprovalPending, HandrailError
 from proxy.ingress.request import Identity, capture_limit, new_call, read_body
 from proxy.mcp import jsonrpc
+from proxy.mcp.approval import REQUEST_STATE_PURPOSE, approval_round, url_elicitation
 from proxy.mcp.headers import header_mismatch, is_modern, protocol_version
 from proxy.mcp.inflight import in_flight
 from proxy.mcp.listing import annotations_for
@@ -146,6 +148,10 @@ async def _tools_call(
     except jsonrpc.JsonRpcError as err:
         err.request_id = message.id
         return json_response(*render_invalid(err, ident.trace_id))
+    try:
+        bound, body, payload = _approval_round(deps, ident, message, body)
+    except jsonrpc.JsonRpcError as err:
+        return json_response(*render_invalid(err, ident.trace_id))
     session = passage.session
     link_meta_context(ident.span, params)
     meta = params.get("_meta")
@@ -155,7 +161,7 @@ async def _tools_call(
         request,
         ident,
         body=body,
-        json_body=message.payload,
+        json_body=payload,
         reply=reply,
         method="POST",
         path=endpoint_path(ident),
@@ -164,6 +170,8 @@ async def _tools_call(
     )
     if meta_key is not None:
         call.idempotency_key = meta_key
+    if bound is not None:
+        call.extra["approval_bound"] = bound
     if ident.run_id_hint is None:
         # A later round of a multi round-trip call is the same logical call: its run (and
         # so its derived key) is the first round's, whatever trace context it carries.
@@ -183,11 +191,43 @@ async def _tools_call(
             if request.transport is not None:
                 request.transport.close()
             return reply.response
+        if isinstance(exc, ApprovalPending) and passage.modern and url_elicitation(meta):
+            held = approval_round(deps, call, exc)
+            return json_response(200, jsonrpc.result_message(message.id, held))
         rendered = render_error(exc, message.id, ident.trace_id, modern=passage.modern)
         return json_response(*rendered)
     if reply.response is None:  # cancelled by the agent before any answer: nobody to tell
         return web.Response(status=CLIENT_CLOSED_REQUEST)
     return reply.response
+
+
+def _approval_round(
+    deps: Deps, ident: Identity, message: jsonrpc.Message, body: bytes
+) -> tuple[tuple[str, str] | None, bytes, dict[str, Any]]:
+    """A retry answering Handrail's own ``input_required`` (a held call): the approval its
+    signed ``requestState`` names (with the fingerprint it is bound to), and the request as
+    the server will get it, without the round's fields it never issued. Others pass as
+    they are."""
+    state = message.params.get("requestState")
+    if not is_ours(state):
+        return None, body, message.payload
+    try:
+        claims = verify(deps.approvals.key, REQUEST_STATE_PURPOSE, state)
+    except BadToken as exc:
+        raise jsonrpc.JsonRpcError(
+            jsonrpc.INVALID_PARAMS,
+            f"requestState refused ({exc}): send the call again without it for a new approval",
+            message.id,
+        ) from None
+    if claims.get("agent") != ident.agent_id or claims.get("tool") != ident.tool_name:
+        raise jsonrpc.JsonRpcError(
+            jsonrpc.INVALID_PARAMS, "requestState was issued to another agent or tool", message.id
+        )
+    params = {
+        k: v for k, v in message.params.items() if k not in ("requestState", "inputResponses")
+    }
+    payload = {**message.payload, "params": params}
+    return (str(claims["id"]), str(claims["fp"])), jsonrpc.dumps(payload), payload
 
 
 def _connected(request: web.Request) -> bool:

@@ -15,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import (
+    ApprovalPending,
     BadRequest,
     HandrailError,
     IdempotencyKeyMissing,
@@ -47,13 +48,20 @@ def refusal_text(exc: HandrailError) -> str:
     reasons = "; ".join(_reasons(exc)) or "no reason given"
     if isinstance(exc, ResultBlocked):
         return f"Result blocked by policy: {reasons}"
+    if isinstance(exc, ApprovalPending):
+        return (
+            f"Held for human approval ({exc.details.get('approval_id')}): {reasons}. A person "
+            f"must approve it at {exc.details.get('approval_url')}; then call the same tool "
+            "with the same arguments again and it runs once. Do not change the arguments: "
+            "that needs a new approval."
+        )
     if exc.details.get("require_approval"):
         return f"Denied by policy (held for human approval): {reasons}"
     return f"Denied by policy: {reasons}"
 
 
 def is_tool_refusal(exc: HandrailError) -> bool:
-    return isinstance(exc, (PolicyDenied, ResultBlocked))
+    return isinstance(exc, (PolicyDenied, ResultBlocked, ApprovalPending))
 
 
 def refusal_result(
