@@ -609,3 +609,37 @@ async def test_an_answer_kept_under_a_handshake_revision_replays_valid_for_2026(
     assert again["result"]["resultType"] == "complete"
     methods.validate_server_result("tools/call", MODERN, again["result"])
     assert mcp_server.executions["send_email"] == 1
+
+
+@pytest.mark.parametrize("served", ["production"], indirect=True)  # no handler cancellation
+async def test_an_event_stream_the_agent_left_frees_its_place_at_once(
+    served: Served, mcp_server: McpServer
+) -> None:
+    """A GET stream whose agent has gone is closed upstream within a moment, so the agent's
+    next stream is neither refused by the server (one per session) nor by Handrail's
+    ``max_streams_per_agent``."""
+    hello = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": HANDSHAKE,
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"},
+        },
+    }
+    headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
+    async with served.post("/tools/mcp", json=hello, headers=headers) as response:
+        session = response.headers["Mcp-Session-Id"]
+    head = (
+        f"GET /tools/mcp HTTP/1.1\r\nHost: {served.host}:{served.port}\r\n"
+        f"Accept: text/event-stream\r\nMcp-Session-Id: {session}\r\n"
+        f"MCP-Protocol-Version: {HANDSHAKE}\r\n\r\n"
+    ).encode()
+    for _ in range(9):  # more than max_streams_per_agent (8)
+        reader, writer = await asyncio.open_connection(served.host, served.port)
+        writer.write(head)
+        status = await reader.readuntil(b"\r\n")
+        assert b" 200 " in status, status
+        writer.transport.abort()
+        await asyncio.sleep(0.6)

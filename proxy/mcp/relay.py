@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_JSON_ANSWER = 32 * 1024 * 1024
 """A tools/list answer read whole to be filtered is refused beyond this size."""
-DISCONNECT_POLL_S = 15.0
+DISCONNECT_POLL_S = 0.5
 """An idle event stream checks this often whether the agent is still there."""
 SMALL_BODY = 256 * 1024
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
@@ -293,8 +293,8 @@ async def _relay(
     tail: Callable[[], bytes] | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
     try:
+        await response.prepare(request)  # the agent may have left while the server answered
         async for chunk in _chunks(request, upstream):
             out = await transform(chunk) if transform is not None else chunk
             if out:
