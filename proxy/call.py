@@ -122,6 +122,8 @@ class McpCall:
     method: str = "tools/call"
     protocol_version: str | None = None
     """The revision this request speaks (``None``: not known, e.g. a listing of our own)."""
+    definition_changed: bool = False
+    """Pinning saw the tool's definition change since it was approved."""
 
 
 @dataclass(slots=True)

@@ -201,6 +201,12 @@ class ApprovalsConfig(_Model):
     (default: derived from ``admin.token``, else random per process)."""
 
 
+class PinningConfig(_Model):
+    mode: Literal["off", "hold"] = "off"
+    """``hold``: an MCP tool whose definition changed since it was first listed is hidden
+    and its calls held until a person approves the new definition."""
+
+
 class StoreConfig(_Model):
     url: str = "sqlite:///.handrail/handrail.db"
     encryption_key: str | None = None
@@ -263,6 +269,7 @@ class Config(_Model):
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
     policy: PolicyConfig = PolicyConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    pinning: PinningConfig = PinningConfig()
     store: StoreConfig = StoreConfig()
     tracing: TracingConfig = TracingConfig()
 

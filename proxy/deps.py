@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Tracer
 
 from proxy.approvals.gate import Approvals
+from proxy.approvals.pinning import Pinning
 from proxy.background import Background
 from proxy.config import Config
 from proxy.metrics import Metrics
@@ -26,4 +27,5 @@ class Deps:
     pools: Pools
     metrics: Metrics
     approvals: Approvals
+    pinning: Pinning
     background: Background

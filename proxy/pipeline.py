@@ -212,9 +212,11 @@ async def _refund_undecided(call: Call, deps: Deps) -> None:
 async def hold(call: Call, deps: Deps) -> None:
     """A call the policy holds waits for a person (``proxy.approvals.gate``); a replay of
     an earlier execution needs no approval, it runs nothing."""
-    if call.decision is None or call.decision.kind is not DecisionKind.APPROVAL:
-        return
     if call.response is not None:
+        return
+    if call.mcp is not None and call.mcp.definition_changed:
+        await deps.pinning.hold(call.tool_name, call.mcp.name)
+    if call.decision is None or call.decision.kind is not DecisionKind.APPROVAL:
         return
     bound_id = None
     if (bound := call.extra.get("approval_bound")) is not None:

@@ -117,7 +117,13 @@ class Approvals:
     async def _request(self, call: Call, bound: str | None) -> Approval:
         if bound is not None:
             found = await self.store.get(bound)
-            if found is not None and found.shown_state() in (State.PENDING, State.APPROVED):
+            if (
+                found is not None
+                and found.kind is Kind.CALL
+                and found.agent == call.agent_id
+                and found.fingerprint == call.fingerprint
+                and found.shown_state() in (State.PENDING, State.APPROVED)
+            ):
                 return found
         now = time.time()
         fresh = Approval(

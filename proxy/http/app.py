@@ -11,6 +11,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
 from proxy.approvals.gate import Approvals
+from proxy.approvals.pinning import Pinning
 from proxy.approvals.store import approvals_store as approvals_store_for
 from proxy.background import Background
 from proxy.config import Config, redact_url
@@ -102,6 +103,7 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             ) from None
         stack.push_async_callback(approvals_store.close)
         background = Background()
+        approvals = Approvals(config, approvals_store, metrics, background)
         deps = Deps(
             config=config,
             store=store,
@@ -110,7 +112,8 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             tracer=Tracer(provider),
             pools=pools,
             metrics=metrics,
-            approvals=Approvals(config, approvals_store, metrics, background),
+            approvals=approvals,
+            pinning=Pinning(approvals, config.pinning.mode),
             background=background,
         )
         app[DEPS] = deps

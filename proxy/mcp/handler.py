@@ -165,7 +165,16 @@ async def _tools_call(
         reply=reply,
         method="POST",
         path=endpoint_path(ident),
-        mcp=McpCall(name, arguments or {}, annotations, message.id, session, "tools/call", version),
+        mcp=McpCall(
+            name,
+            arguments or {},
+            annotations,
+            message.id,
+            session,
+            "tools/call",
+            version,
+            definition_changed=deps.pinning.changed(ident.tool_name, name) is not None,
+        ),
         run_id=session,
     )
     if meta_key is not None:

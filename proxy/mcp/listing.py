@@ -44,6 +44,7 @@ async def annotations_for(
     if tools is None:
         return None
     cat.remember(ident.tool_name, session, tools)
+    await deps.pinning.review(ident.tool_name, tools)
     known, annotations = cat.lookup(ident.tool_name, session, name)
     if not known:
         cat.mark_unknown(ident.tool_name, session, name)

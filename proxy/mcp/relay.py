@@ -115,7 +115,8 @@ class ListFilter:
         tools = [t for t in result["tools"] if isinstance(t, dict)]
         self.catalog.remember(self.ident.tool_name, self.session, tools)
         try:
-            shown = await self.visible(tools)
+            changed = await self.deps.pinning.review(self.ident.tool_name, tools)
+            shown = await self.visible([t for t in tools if t.get("name") not in changed])
         except HandrailError as exc:
             return render_error(exc, obj.get("id"), self.ident.trace_id, modern=self.modern)[1]
         hidden = len(tools) - len(shown)

@@ -101,7 +101,12 @@ def policy_input(
         "call": None
         if mcp is None
         # None (no listing could be had) stays null: policies must read unknown as riskiest.
-        else {"name": mcp.name, "arguments": mcp.arguments, "annotations": mcp.annotations},
+        else {
+            "name": mcp.name,
+            "arguments": mcp.arguments,
+            "annotations": mcp.annotations,
+            "definition_changed": mcp.definition_changed,
+        },
         "agent": {"id": call.agent_id},
         "run": {
             "id": call.run_id,
