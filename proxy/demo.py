@@ -56,6 +56,29 @@ def sample_tool() -> tuple[web.Application, dict[str, int]]:
     return app, ran
 
 
+def _approve_from_cli(config: Any, admin_url: str, approval_id: str) -> int:
+    """What ``handrail approvals approve ID`` does, printed as a person would see it."""
+    import io
+
+    from proxy.approvals.commands import approvals_command
+
+    out, err = io.StringIO(), io.StringIO()
+    code = approvals_command(
+        config,
+        "approve",
+        approval_id,
+        reason="order o-1 checked by a person",
+        state="pending",
+        admin_url=admin_url,
+        as_json=False,
+        out=out,
+        err=err,
+    )
+    for line in (out.getvalue() + err.getvalue()).splitlines():
+        print(f"  > {line}", flush=True)
+    return code
+
+
 def _config(tool_url: str, directory: Path) -> dict[str, Any]:
     return {
         "listen": {"port": 0},
@@ -65,6 +88,7 @@ def _config(tool_url: str, directory: Path) -> dict[str, Any]:
             "payments": {"upstream": tool_url, "idempotency": {"mode": "attach"}},
         },
         "policy": {"path": str(_policies()), "watch": False},
+        "approvals": {"wait_s": 0.5},
         "store": {"url": f"sqlite:///{(directory / 'handrail.db').resolve()}"},
         "tracing": {"exporter": "none"},
     }
@@ -131,6 +155,8 @@ async def _demo(out: TextIO) -> int:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     await web.TCPSite(admin_runner, "127.0.0.1", 0).start()
     proxy = f"http://127.0.0.1:{runner.addresses[0][1]}/tools/"
+    admin_url = f"http://127.0.0.1:{admin_runner.addresses[0][1]}"
+    app[DEPS].approvals.admin_url = admin_url
     run_id = "demo-" + secrets.token_hex(3)
     agent = {"X-Agent-Id": "demo-agent", "X-Run-Id": run_id}
 
@@ -196,16 +222,36 @@ async def _demo(out: TextIO) -> int:
         for reason in error.get("reasons", []):
             p(f"  reason: {reason}")
         p(f"  (the tool was not called; decision {error.get('decision_id')})")
+        big_refund = {"amount": 500, "order": "o-1"}
         status, data, _ = await call(
-            "5. A refund over the approval limit: the policy asks for a human",
+            "5. A refund over the approval limit: held for a person",
             "POST",
             "payments/refunds",
-            {"amount": 500, "order": "o-1"},
+            big_refund,
         )
         error = data.get("error", {})
-        p(f"  {error.get('code')}: {error.get('message')}")
-        ok &= status == 403 and bool(error.get("require_approval"))
-        ok &= ran["refund"] == 0 and ran["create_contact"] == 1
+        approval_id = str(error.get("approval_id"))
+        p(f"  {error.get('code')} ({approval_id}); the tool did not run")
+        p(f"  the page a person opens: {error.get('approval_url', '').split('?')[0]}")
+        ok &= status == 403 and error.get("code") == "approval_pending" and ran["refund"] == 0
+        p(f"  a person approves it: handrail approvals approve {approval_id} --reason ...")
+        decided = await asyncio.to_thread(_approve_from_cli, config, admin_url, approval_id)
+        ok &= decided == 0
+        status, data, _ = await call(
+            "6. The agent retries the refund: approved, it runs once",
+            "POST",
+            "payments/refunds",
+            big_refund,
+        )
+        ok &= status == 200
+        status, data, _ = await call(
+            "7. ...and retries it again: replayed, not refunded twice",
+            "POST",
+            "payments/refunds",
+            big_refund,
+        )
+        p(f"  the tool ran refund {ran['refund']} time(s)")
+        ok &= status == 200 and ran["refund"] == 1 and ran["create_contact"] == 1
 
     deps = app[DEPS]
     await deps.journal.flush()

@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy.config import Config, redact_url
 from proxy.errors import ConfigError
 from proxy.http.app import build_admin_app, build_app
+from proxy.http.keys import DEPS
 from proxy.tracing import describe_exporter
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class Server:
             data_sock.close()
             admin_sock.close()
             raise
-        return Listening(_url(self._runner), _url(self._admin_runner))
+        listening = Listening(_url(self._runner), _url(self._admin_runner))
+        self.app[DEPS].approvals.admin_url = listening.admin_url
+        return listening
 
     async def stop(self) -> None:
         await self._runner.cleanup()

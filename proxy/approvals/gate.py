@@ -65,6 +65,8 @@ class Approvals:
         self.metrics = metrics
         self.background = background
         self.key = signing_key(config)
+        self.admin_url: str | None = None
+        """The admin listener as bound (its port may have been 0), for links to ``/ui``."""
         self._decided: dict[str, asyncio.Event] = {}
 
     # -- the pipeline's step ------------------------------------------------------------
@@ -205,9 +207,8 @@ class Approvals:
         return approval, changed
 
     def page_url(self, approval_id: str) -> str:
-        base = self.settings.ui_url or (
-            f"http://{self.config.admin.host}:{self.config.admin.port}/ui"
-        )
+        admin = self.admin_url or f"http://{self.config.admin.host}:{self.config.admin.port}"
+        base = self.settings.ui_url or f"{admin}/ui"
         token = sign(self.key, PAGE_PURPOSE, {"id": approval_id}, PAGE_TOKEN_TTL_S)
         return f"{base.rstrip('/')}/approvals/{approval_id}?t={token}"
 
