@@ -206,6 +206,11 @@ class PinningConfig(_Model):
     """``hold``: an MCP tool whose definition changed since it was first listed is hidden
     and its calls held until a person approves the new definition."""
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare off as false
+
 
 class StoreConfig(_Model):
     url: str = "sqlite:///.handrail/handrail.db"
