@@ -28,6 +28,8 @@ default allow := true
 
 default visible := true
 
+default hold := false
+
 hold if {
 	input.request.method == "POST"
 	startswith(input.request.path, "/refunds")
@@ -112,6 +114,14 @@ async def test_a_call_approved_while_it_waits_runs_once(
     assert tool[1].count() == 1
     after = (await (await admin.get(f"/approvals/{held['id']}")).json())["state"]
     assert after == "used"
+    for _ in range(100):  # the journal's rows land in batches
+        calls = (await (await admin.get("/calls?run=run-1")).json())["calls"]
+        if calls:
+            break
+        await asyncio.sleep(0.02)
+    assert [(c["decision"], c["status"], c["approval_id"]) for c in calls] == [
+        ("approval", 200, held["id"])
+    ]
 
 
 async def test_approval_after_the_wait_lets_the_retry_run_once(

@@ -46,6 +46,7 @@ COLUMNS: tuple[str, ...] = (
     "upstream_ms",
     "input",
     "output",
+    "approval_id",
 )
 """The row's columns in order; ``id`` (insertion order) is added by the database."""
 
@@ -53,6 +54,14 @@ INSERT_COLUMNS: tuple[str, ...] = ("uid", *COLUMNS)
 """What ``JournalDb.insert`` gets: the row's unique id (its spool entry's), then ``COLUMNS``."""
 
 Row = tuple[Any, ...]
+
+
+def padded(row: Row) -> Row:
+    """A row written by an older proxy (a spool recovered after an upgrade) gets the
+    columns added since as NULL."""
+    missing = len(INSERT_COLUMNS) - len(row)
+    return row + (None,) * missing if missing > 0 else row
+
 
 INTERRUPTED = "interrupted"
 """The error code of a call whose proxy died before it ended (recovered from its begin)."""
@@ -168,6 +177,7 @@ def journal_row(call: Call, capture: CaptureConfig) -> Row:
         _ms(timings.upstream_s),
         input_value,
         output_value,
+        call.extra.get("approval_id"),
     )
 
 
@@ -183,6 +193,7 @@ def begin_row(call: Call) -> Row:
         0.0,
         None,
         None,
+        call.extra.get("approval_id"),
     )
 
 
@@ -220,4 +231,5 @@ def row_dict(record: Any) -> dict[str, Any]:
         "upstream_ms": record["upstream_ms"],
         "input": record["input"],
         "output": record["output"],
+        "approval_id": record["approval_id"],
     }

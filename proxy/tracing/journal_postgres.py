@@ -16,6 +16,7 @@ from proxy.tracing.base import (
     TABLE,
     Row,
     Where,
+    padded,
     row_dict,
 )
 
@@ -70,6 +71,7 @@ MIGRATIONS: Migrations = (
             "VALUES (md5(random()::text || clock_timestamp()::text))",
         ),
     ),
+    (3, (f"ALTER TABLE {TABLE} ADD COLUMN approval_id text",)),  # the approval a call waited on
 )
 
 _INSERT = (
@@ -120,7 +122,7 @@ class PostgresJournalDb:
 
     async def insert(self, rows: Sequence[Row]) -> None:
         async with self._pool_or_fail().acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT, rows)
+            await conn.executemany(_INSERT, [padded(r) for r in rows])
 
     def refuses(self, exc: BaseException) -> bool:
         """A value or constraint the server (or asyncpg's encoder) rejects; not an outage."""

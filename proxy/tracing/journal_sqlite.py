@@ -27,6 +27,7 @@ from proxy.tracing.base import (
     TABLE,
     Row,
     Where,
+    padded,
     row_dict,
 )
 
@@ -79,6 +80,7 @@ MIGRATIONS: Migrations = (
             f"INSERT INTO {META_TABLE} (id) VALUES (lower(hex(randomblob(16))))",
         ),
     ),
+    (3, (f"ALTER TABLE {TABLE} ADD COLUMN approval_id TEXT",)),  # the approval a call waited on
 )
 
 _INSERT = (
@@ -158,7 +160,7 @@ class SqliteJournalDb:
             await conn.execute("ROLLBACK")
         await conn.execute("BEGIN")
         try:
-            await conn.executemany(_INSERT, rows)
+            await conn.executemany(_INSERT, [padded(r) for r in rows])
             await conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
