@@ -299,3 +299,54 @@ def test_tokens_are_bound_to_their_purpose_and_cannot_be_altered() -> None:
     ):
         with pytest.raises(BadToken):
             verify(key, "mcp-approval", bad)
+
+
+async def test_a_request_survives_a_restart_of_the_proxy(
+    make_proxy: ProxyFactory, make_admin: AdminFactory, tool: tuple[TestServer, Seen]
+) -> None:
+    before = await start(make_proxy, tool)
+    approval_id = (await (await refund(before)).json())["error"]["approval_id"]
+    await before.close()
+    after = await start(make_proxy, tool)  # the same store file
+    await decide(await make_admin(after), approval_id, True)
+    assert (await refund(after)).status == 200
+    assert tool[1].count() == 1
+
+
+async def test_the_cli_lists_and_decides_through_the_admin_api(
+    make_proxy: ProxyFactory, make_admin: AdminFactory, tool: tuple[TestServer, Seen]
+) -> None:
+    import io
+
+    from proxy.approvals.commands import approvals_command
+    from proxy.http.keys import CONFIG
+
+    proxy = await start(make_proxy, tool)
+    admin = await make_admin(proxy)
+    approval_id = (await (await refund(proxy)).json())["error"]["approval_id"]
+    config = proxy.server.app[CONFIG]
+    url = str(admin.make_url("")).rstrip("/")
+
+    def cli(*args: str, reason: str | None = None) -> tuple[int, str]:
+        out = io.StringIO()
+        code = approvals_command(
+            config,
+            args[0],
+            args[1] if len(args) > 1 else None,
+            reason=reason,
+            state="pending",
+            admin_url=url,
+            as_json=False,
+            out=out,
+            err=out,
+        )
+        return code, out.getvalue()
+
+    code, listed = await asyncio.to_thread(cli, "list")
+    assert code == 0 and approval_id in listed and "refunds need a person" in listed
+    code, decided = await asyncio.to_thread(cli, "reject", approval_id, reason="duplicate")
+    assert code == 0 and "rejected" in decided
+    code, again = await asyncio.to_thread(cli, "approve", approval_id)
+    assert code == 1 and "already_decided" in again
+    assert (await refund(proxy)).status == 403
+    assert tool[1].count() == 0
