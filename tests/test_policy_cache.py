@@ -276,7 +276,8 @@ async def test_what_the_policy_reads_is_never_answered_from_the_cache(
 ) -> None:
     server, seen = tool
     proxy = await make_proxy(
-        {"payments": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}}}
+        {"payments": {"upstream": str(server.make_url("/api")), "idempotency": {"mode": "off"}}},
+        approvals={"wait_s": 0.1},
     )
     # payments.refund's limits: over 100 needs a human (policies/data.json).
     headers = {"X-Agent-Id": "sales-bot", "X-Run-Id": "run-1"}
@@ -286,7 +287,7 @@ async def test_what_the_policy_reads_is_never_answered_from_the_cache(
     # Over the approval limit: the body differs where the policy reads it.
     held = await proxy.post("/tools/payments/refunds", json={"amount": 500}, headers=headers)
     assert held.status == 403
-    assert (await held.json())["error"]["require_approval"] is True
+    assert (await held.json())["error"]["code"] == "approval_pending"
     # The first body again, in a run whose write count the policy reads: evaluated again.
     again = await proxy.post("/tools/payments/refunds", json={"amount": 50}, headers=headers)
     assert again.status == 200
