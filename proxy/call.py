@@ -56,6 +56,8 @@ class RunCounters:
     denied: int = 0
     repeats: int = 0
     """How many times this run already made this very call (same fingerprint): loops."""
+    closed: bool = False
+    """The run's finish line was drawn (``handrail runs close``): nothing should write."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     test = policy_commands.add_parser("test", help="run the *_test.rego files")
     _config_arg(test)
 
-    calls = commands.add_parser("calls", help="list recorded calls from the local journal")
+    calls = commands.add_parser(
+        "calls", help="list recorded calls from the local journal, or verify its hash chain"
+    )
+    calls.add_argument(
+        "action", nargs="?", choices=("verify",), help="verify: check the journal's hash chain"
+    )
     _config_arg(calls)
     calls.add_argument("--run", metavar="ID", help="only this run's calls")
     calls.add_argument("--tool", metavar="T", help="only this tool's calls")
@@ -74,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument(
         "--json", action="store_true", dest="as_json", help="a JSON array, for scripts"
     )
+
+    runs = commands.add_parser(
+        "runs", help="a run's ledger (every call, classified, with totals), or close a run"
+    )
+    runs.add_argument(
+        "words", nargs="*", metavar="close ID", help="close ID: draw the run's finish line"
+    )
+    runs.add_argument("--run", metavar="ID", help="this run's ledger (default: recent runs)")
+    runs.add_argument("--json", action="store_true", dest="as_json", help="JSON, for scripts")
+    _config_arg(runs)
 
     traces = commands.add_parser("traces", help="query the trace backend for the proxy's spans")
     _config_arg(traces)
@@ -203,6 +218,30 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.policy_command == "eval":
             return policy_eval(config, args.input, sys.stdout)
         return policy_test(config, sys.stdout)
+    if args.command == "runs":
+        from proxy.runs.commands import runs_command
+
+        words = list(args.words)
+        if words and (words[0] != "close" or len(words) != 2):
+            print(
+                "handrail: usage: handrail runs [--run ID] [--json] | runs close ID",
+                file=sys.stderr,
+            )
+            return 2
+        return runs_command(
+            _load(args.config, read_only=True),
+            "close" if words else None,
+            words[1] if words else args.run,
+            as_json=args.as_json,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    if args.command == "calls" and args.action == "verify":
+        from proxy.tracing.commands import verify_command
+
+        return verify_command(
+            _load(args.config, read_only=True), out=sys.stdout, as_json=args.as_json
+        )
     if args.command == "calls":
         config = _load(args.config, read_only=True)
         from proxy.tracing.commands import calls_command

@@ -118,6 +118,9 @@ class ToolConfig(_Model):
     """mcp: an optional deadline on a whole tools/call answer, however lively."""
     sensitive: bool = False
     """Its kept answers are sealed at rest (AES-GCM, ``store.encryption_key``)."""
+    result_checks: Literal["optional", "required"] = "optional"
+    """``required``: an answer the policy's ``result`` rule cannot check (an event stream,
+    not JSON, over the capture limit) is blocked instead of passed unchecked."""
     max_streams_per_agent: int = Field(8, ge=1, le=10_000)
     """mcp: GET event streams one agent may hold open to this tool at once (429 past it)."""
     max_connections: int = Field(256, ge=1, le=100_000)

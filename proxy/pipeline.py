@@ -29,11 +29,13 @@ from contextlib import contextmanager
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from proxy.call import Call, DecisionKind, UnknownReason
+from proxy import results
+from proxy.call import Call, DecisionKind, Outcome, UnknownReason
 from proxy.deps import Deps
 from proxy.errors import BadRequest, HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
 from proxy.policy.input import policy_input
+from proxy.runs.ledger import classify
 from proxy.tracing.attributes import (
     DECISION_CACHED,
     OPENINFERENCE_SPAN_KIND,
@@ -155,7 +157,7 @@ async def decide(call: Call, deps: Deps) -> None:
         span.set_attribute(OPENINFERENCE_SPAN_KIND, SPAN_KIND_GUARDRAIL)
         started = time.perf_counter()
         call.counters = await deps.store.reserve_call(
-            run_key(call), call.fingerprint, write=call.unsafe
+            run_key(call), call.fingerprint, write=call.unsafe, run=call.run_id
         )
         try:
             document = policy_input(
@@ -258,7 +260,8 @@ async def forward(call: Call, deps: Deps) -> None:
 
 
 async def check_result(call: Call, deps: Deps) -> None:
-    """The place for the policy's ``result`` rule (a later release): passes everything now."""
+    """The policy's ``result`` rule on the tool's answer (``proxy.results``)."""
+    await results.check(call, deps)
 
 
 async def deliver(call: Call, deps: Deps) -> None:
@@ -270,6 +273,7 @@ async def deliver(call: Call, deps: Deps) -> None:
     call.status = call.upstream.status
     try:
         await call.reply.stream(call, call.upstream)
+        results.restore_the_real_answer(call)
     finally:
         span = call.extra.pop("upstream_span", None)
         if span is not None:
@@ -307,6 +311,15 @@ def record(call: Call, deps: Deps) -> None:
         call.error.counted = True
     if call.client_gone:
         deps.metrics.client_gone.labels(call.tool_name).inc()
+    outcome = classify(
+        error=call.error.code if call.error is not None else None,
+        status=status,
+        tool_error=bool(call.extra.get("tool_error")),
+        failed=call.server_error,
+        unknown=call.outcome is Outcome.UNKNOWN and call.claim is not None,
+    )
+    call.extra["outcome_class"] = outcome.value
     if call.span is not None:
+        call.span.set_attribute("handrail.outcome", outcome.value)
         record_span(call, call.span, deps.config.tracing.capture)
     deps.journal.append(call)

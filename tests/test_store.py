@@ -520,7 +520,7 @@ async def test_schema_version_is_recorded_beside_other_components(backend: Backe
     await store.close()
     await backend.open(location)
     rows = await _schema_rows(backend, location)
-    assert rows == {"journal": 7, "store": 2}
+    assert rows == {"journal": 7, "store": 3}
 
 
 async def test_replicas_starting_together_migrate_once(backend: Backend) -> None:
@@ -528,7 +528,7 @@ async def test_replicas_starting_together_migrate_once(backend: Backend) -> None
     stores = await asyncio.gather(*(backend.open(location) for _ in range(3)))
     assert (await _claim(stores[0], "k")).state is ClaimState.OWNED
     assert (await _claim(stores[2], "k")).state is ClaimState.IN_FLIGHT
-    assert await _schema_rows(backend, location) == {"store": 2}
+    assert await _schema_rows(backend, location) == {"store": 3}
 
 
 async def _schema_rows(backend: Backend, location: str) -> dict[str, int]:
@@ -844,3 +844,17 @@ def test_a_record_past_its_lease_is_marked_unknown_unless_the_tool_dedupes() -> 
 def test_an_unknown_record_with_another_payload_is_a_mismatch() -> None:
     answer = read_claim(_record(state="unknown", reason="timeout"), "fp-2", "me", True)
     assert isinstance(answer, Claim) and answer.state is ClaimState.MISMATCH
+
+
+async def test_a_closed_run_is_closed_for_every_agent_in_the_same_step(store: Store) -> None:
+    run = _key()
+    before = await store.reserve_call(f"agent-a\x1f{run}", "fp", write=True, run=run)
+    assert not before.closed
+    assert await store.close_run(run, "orchestrator")
+    assert not await store.close_run(run, "someone else")  # closed once
+    closed_at, by = await store.closed_run(run) or (0.0, "")
+    assert by == "orchestrator" and closed_at > 0
+    for agent in ("agent-a", "agent-b"):
+        after = await store.reserve_call(f"{agent}\x1f{run}", "fp", write=True, run=run)
+        assert after.closed
+    assert await store.closed_run(_key()) is None

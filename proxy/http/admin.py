@@ -20,6 +20,7 @@ from proxy.approvals import ui as approvals_ui
 from proxy.errors import BadRequest, HandrailError
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import error_middleware
+from proxy.runs import api as runs_api
 from proxy.store.records import resolution
 from proxy.tracing.base import CallQuery
 
@@ -173,4 +174,5 @@ def build_admin_app(data_app: web.Application) -> web.Application:
     app.router.add_post("/policies/reload", reload_policies)
     approvals_api.add_routes(app, data_app)
     approvals_ui.add_routes(app, data_app)
+    runs_api.add_routes(app, data_app)
     return app

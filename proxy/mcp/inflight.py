@@ -177,8 +177,12 @@ def settle_on_response(call: Call, message: dict[str, Any], *, cancelled: bool =
         call.outcome, call.unknown_reason = Outcome.UNKNOWN, UnknownReason.CANCELLED
     elif kind is jsonrpc.ResponseKind.REFUSED:
         call.outcome = Outcome.NOT_RUN
+        call.extra["tool_error"] = True  # the server refused the call as sent
     elif kind is jsonrpc.ResponseKind.INTERIM:
         call.outcome = Outcome.INTERIM
     else:
         call.outcome = Outcome.ANSWERED
         call.server_error = kind is jsonrpc.ResponseKind.FAILED
+        result = message.get("result")
+        if isinstance(result, dict) and result.get("isError") is True:
+            call.extra["tool_error"] = True  # the tool ran and said the call was wrong

@@ -80,10 +80,19 @@ class Store(Protocol):
     async def run_counters(self, run_id: str, call_fingerprint: str) -> RunCounters:
         """What this run has done so far; ``repeats`` counts earlier calls with this fingerprint."""
 
-    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
+    async def reserve_call(
+        self, run_id: str, call_fingerprint: str, *, write: bool, run: str = ""
+    ) -> RunCounters:
         """Count a call against its run before it is decided, and return the counters from
         before it, in one atomic step: calls made in parallel each see the ones before them,
-        so a write budget cannot be overrun by sending writes at once."""
+        so a write budget cannot be overrun by sending writes at once. ``run`` (the run id
+        without the agent): whether that run was closed comes back in the same step."""
+
+    async def close_run(self, run: str, by: str) -> bool:
+        """Draw the run's finish line (for every agent): true if it was open."""
+
+    async def closed_run(self, run: str) -> tuple[float, str] | None:
+        """When and by whom the run was closed, or None."""
 
     async def refund_call(self, run_id: str, *, write: bool) -> None:
         """A reserved call was refused: take its write back and count it as denied."""

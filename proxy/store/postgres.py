@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -250,10 +251,24 @@ class PostgresStore:
             calls=row[0] or 0, writes=row[1] or 0, denied=row[2] or 0, repeats=row[3] or 0
         )
 
-    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
+    async def reserve_call(
+        self, run_id: str, call_fingerprint: str, *, write: bool, run: str = ""
+    ) -> RunCounters:
         async with self._connection() as conn:
-            row = await conn.fetchrow(sql.RESERVE, run_id, call_fingerprint, int(write))
-        return RunCounters(calls=row[0], writes=row[1], denied=row[2], repeats=row[3])
+            row = await conn.fetchrow(sql.RESERVE, run_id, call_fingerprint, int(write), run)
+        return RunCounters(
+            calls=row[0], writes=row[1], denied=row[2], repeats=row[3], closed=bool(row[4])
+        )
+
+    async def close_run(self, run: str, by: str) -> bool:
+        async with self._connection() as conn:
+            status = await conn.execute(sql.CLOSE_RUN, run, time.time(), by)
+        return bool(status.endswith(" 1"))
+
+    async def closed_run(self, run: str) -> tuple[float, str] | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(sql.CLOSED_RUN, run)
+        return (float(row[0]), str(row[1])) if row else None
 
     async def refund_call(self, run_id: str, *, write: bool) -> None:
         async with self._connection() as conn:

@@ -60,6 +60,16 @@ MIGRATIONS: Migrations = (
             "CREATE TABLE handrail_health (id integer PRIMARY KEY, at timestamptz NOT NULL)",
         ),
     ),
+    (
+        3,
+        (  # a run's finish line: closed for every agent, on every replica
+            """CREATE TABLE handrail_closed_runs (
+                run_id text PRIMARY KEY,
+                closed_at double precision NOT NULL,
+                closed_by text NOT NULL
+            )""",
+        ),
+    ),
 )
 
 # Owned: the first branch returns a row. Otherwise the second returns the record as this
@@ -177,8 +187,16 @@ WITH run AS (
     ON CONFLICT (run_id, fingerprint) DO UPDATE SET n = c.n + 1, updated_at = EXCLUDED.updated_at
     RETURNING c.n
 )
-SELECT run.calls - 1, run.writes - $3, run.denied, seen.n - 1 FROM run, seen
+SELECT run.calls - 1, run.writes - $3, run.denied, seen.n - 1,
+    EXISTS (SELECT 1 FROM handrail_closed_runs WHERE run_id = $4)
+FROM run, seen
 """
+
+CLOSE_RUN = """
+INSERT INTO handrail_closed_runs (run_id, closed_at, closed_by) VALUES ($1, $2, $3)
+ON CONFLICT (run_id) DO NOTHING
+"""
+CLOSED_RUN = "SELECT closed_at, closed_by FROM handrail_closed_runs WHERE run_id = $1"
 
 REFUND = """
 UPDATE handrail_runs SET writes = writes - $2, denied = denied + 1, updated_at = now()

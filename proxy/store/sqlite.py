@@ -54,6 +54,8 @@ from proxy.errors import StoreUnavailable
 from proxy.store.records import KeyRecord, Next, Record, encode_headers, read_claim
 from proxy.store.sqlite_schema import (
     CLAIM,
+    CLOSE_RUN,
+    CLOSED_RUN,
     COMPLETE,
     EXTEND,
     INSPECT,
@@ -547,10 +549,27 @@ class SqliteStore:
             calls=calls or 0, writes=writes or 0, denied=denied or 0, repeats=repeats or 0
         )
 
-    async def reserve_call(self, run_id: str, call_fingerprint: str, *, write: bool) -> RunCounters:
-        params = {"run": run_id, "write": int(write), "now": time.time(), "fp": call_fingerprint}
-        calls, writes, denied, repeats = (await self._fetch(RESERVE, params))[0]
-        return RunCounters(calls=calls, writes=writes, denied=denied, repeats=repeats or 0)
+    async def reserve_call(
+        self, run_id: str, call_fingerprint: str, *, write: bool, run: str = ""
+    ) -> RunCounters:
+        params = {
+            "run": run_id,
+            "write": int(write),
+            "now": time.time(),
+            "fp": call_fingerprint,
+            "closed": run,
+        }
+        calls, writes, denied, repeats, closed = (await self._fetch(RESERVE, params))[0]
+        return RunCounters(
+            calls=calls, writes=writes, denied=denied, repeats=repeats or 0, closed=bool(closed)
+        )
+
+    async def close_run(self, run: str, by: str) -> bool:
+        return bool(await self._changes(CLOSE_RUN, (run, time.time(), by)))
+
+    async def closed_run(self, run: str) -> tuple[float, str] | None:
+        rows = await self._fetch(CLOSED_RUN, (run,))
+        return (float(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def refund_call(self, run_id: str, *, write: bool) -> None:
         await self._changes(REFUND, (int(write), time.time(), run_id))

@@ -81,6 +81,16 @@ MIGRATIONS: Migrations = (
             "CREATE TABLE handrail_health (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
         ),
     ),
+    (
+        3,
+        (  # a run's finish line: closed for every agent, on every replica
+            """CREATE TABLE handrail_closed_runs (
+                run_id TEXT PRIMARY KEY,
+                closed_at REAL NOT NULL,
+                closed_by TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 # A record is taken over when it expired (and is not in flight under a live lease), or, with
@@ -183,8 +193,15 @@ ON CONFLICT (run_id) DO UPDATE SET
     calls = r.calls + 1, writes = r.writes + excluded.writes,
     updated_at = excluded.updated_at, last_fingerprint = excluded.last_fingerprint
 RETURNING calls - 1, writes - :write, denied,
-    (SELECT n FROM handrail_run_calls AS c WHERE c.run_id = :run AND c.fingerprint = :fp)
+    (SELECT n FROM handrail_run_calls AS c WHERE c.run_id = :run AND c.fingerprint = :fp),
+    EXISTS (SELECT 1 FROM handrail_closed_runs WHERE run_id = :closed)
 """
+
+CLOSE_RUN = """
+INSERT INTO handrail_closed_runs (run_id, closed_at, closed_by) VALUES (?, ?, ?)
+ON CONFLICT (run_id) DO NOTHING
+"""
+CLOSED_RUN = "SELECT closed_at, closed_by FROM handrail_closed_runs WHERE run_id = ?"
 
 REFUND = """
 UPDATE handrail_runs SET writes = writes - ?, denied = denied + 1, updated_at = ?
