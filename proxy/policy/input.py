@@ -114,6 +114,7 @@ def policy_input(
             "writes": counters.writes,
             "denied": counters.denied,
             "repeats": counters.repeats,
+            "closed": counters.closed,
         },
         "idempotency_key": call.idempotency_key,
         "time": rfc3339(time.time() if now is None else now),
