@@ -90,6 +90,15 @@ async def _tool(name: str, tool: ToolConfig) -> list[str]:
     return await _speaks_mcp(where, tool)
 
 
+async def speaks_mcp(name: str, tool: ToolConfig) -> tuple[bool | None, str]:
+    """``(True, ...)`` it answers in JSON-RPC, ``(False, why)`` it answers something else,
+    ``(None, why)`` it did not answer: what ``/readyz`` keeps per MCP tool."""
+    problems = await _speaks_mcp(f"tools.{name}.upstream ({tool.upstream})", tool)
+    if not problems:
+        return True, "answers MCP"
+    return (None if "no answer" in problems[0] else False), problems[0]
+
+
 async def _speaks_mcp(where: str, tool: ToolConfig) -> list[str]:
     headers = {
         "Content-Type": "application/json",

@@ -89,3 +89,32 @@ async def test_every_problem_is_one_line_and_exit_2(
     assert any("tools.fake.upstream" in line and "JSON-RPC" in line for line in lines)
     assert any(line.startswith("handrail check: policy.path") for line in lines)
     assert "Traceback" not in out
+
+
+async def test_readyz_is_not_ready_while_an_mcp_upstream_does_not_speak_mcp(
+    make_proxy: Any, make_admin: Any, tool: Any
+) -> None:
+    """A wrong URL for a kind: mcp tool (a plain JSON API) makes the proxy not ready."""
+    from tests.mcp_server import start_mcp_server
+
+    server, _ = tool
+    with start_mcp_server() as mcp:
+        proxy = await make_proxy(
+            {
+                "wrong": {"upstream": str(server.make_url("/api")), "kind": "mcp"},
+                "right": {"upstream": mcp.url, "kind": "mcp"},
+            }
+        )
+        admin = await make_admin(proxy)
+        for _ in range(200):
+            body = await (await admin.get("/readyz")).json()
+            details = [c["detail"] for k, c in body["checks"].items() if k.startswith("mcp:")]
+            if "not probed yet" not in details:
+                break
+            await asyncio.sleep(0.05)
+        response = await admin.get("/readyz")
+        body = await response.json()
+    assert response.status == 503 and body["ready"] is False
+    assert body["checks"]["mcp:wrong"]["ready"] is False
+    assert "JSON-RPC" in body["checks"]["mcp:wrong"]["detail"]
+    assert body["checks"]["mcp:right"] == {"ready": True, "detail": "answers MCP"}

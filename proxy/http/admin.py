@@ -20,6 +20,7 @@ from proxy.approvals import ui as approvals_ui
 from proxy.errors import BadRequest, HandrailError
 from proxy.http.keys import CONFIG, DEPS, METRICS
 from proxy.http.middleware import error_middleware
+from proxy.mcp.readiness import MCP_READINESS
 from proxy.runs import api as runs_api
 from proxy.store.records import resolution
 from proxy.tracing.base import CallQuery
@@ -80,6 +81,7 @@ async def readyz(request: web.Request) -> web.Response:
     except HandrailError as exc:
         checks["store"] = {"ready": False, "detail": exc.message}
     checks["policy"] = asdict(deps.engine.status())
+    checks.update(request.app[DATA_APP][MCP_READINESS].checks())
     ready = all(bool(c["ready"]) for c in checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 

@@ -24,6 +24,7 @@ from proxy.http.routes import handle_tool
 from proxy.ingress.request import READ_TIMEOUT_S
 from proxy.mcp.annotations import MCP_CATALOG, ToolCatalog
 from proxy.mcp.inflight import MCP_IN_FLIGHT, McpInFlight
+from proxy.mcp.readiness import MCP_READINESS, McpReadiness
 from proxy.metrics import Metrics
 from proxy.policy import engine_from_config
 from proxy.store import purge_loop, store_from_config
@@ -58,6 +59,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
     app[METRICS] = metrics
     app[MCP_CATALOG] = ToolCatalog()
     app[MCP_IN_FLIGHT] = McpInFlight()
+    app[MCP_READINESS] = McpReadiness(config)
     if tracer_provider is not None:
         app[PROVIDER] = tracer_provider
     app.cleanup_ctx.append(_backends)
@@ -68,7 +70,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
 
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
-    config, metrics = app[CONFIG], app[METRICS]
+    config, metrics, readiness = app[CONFIG], app[METRICS], app[MCP_READINESS]
     own_provider = PROVIDER not in app
     provider = (
         app[PROVIDER] if not own_provider else tracer_provider_from_config(config.tracing, metrics)
@@ -121,6 +123,9 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(deps.background.drain, BACKGROUND_GRACE_S)
         purge = asyncio.create_task(purge_loop(store, PURGE_INTERVAL_S))
         stack.callback(purge.cancel)
+        if readiness.tools:
+            probe = asyncio.create_task(readiness.run())
+            stack.callback(probe.cancel)
         logger.info(
             "handrail ready: engine=%s store=%s exporter=%s",
             engine.name,
