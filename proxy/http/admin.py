@@ -113,6 +113,14 @@ async def calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": rows})
 
 
+async def verify_journal(request: web.Request) -> web.Response:
+    """The journal's hash chain, walked: 200 intact, 409 altered or missing rows named."""
+    deps = request.app[DATA_APP][DEPS]
+    await deps.journal.flush()
+    report = await deps.journal.verify()
+    return web.json_response(report.to_json(), status=200 if report.intact else 409)
+
+
 async def unknown_keys(request: web.Request) -> web.Response:
     """Keys whose outcome is unknown: what an operator has to resolve."""
     deps = request.app[DATA_APP][DEPS]
@@ -170,6 +178,7 @@ def build_admin_app(data_app: web.Application) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/calls", calls)
+    app.router.add_get("/calls/verify", verify_journal)
     app.router.add_get("/keys", unknown_keys)
     app.router.add_get("/keys/{tool}/{key}", key_record)
     app.router.add_post("/keys/{tool}/{key}", resolve_key)

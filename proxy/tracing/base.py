@@ -10,11 +10,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.call import Call
 from proxy.config import CaptureConfig
 from proxy.tracing.attributes import captured, final_status, redactor_for
+
+if TYPE_CHECKING:
+    from proxy.tracing.chain import VerifyReport
 
 COMPONENT = "journal"
 TABLE = "handrail_journal"
@@ -47,8 +51,17 @@ COLUMNS: tuple[str, ...] = (
     "input",
     "output",
     "approval_id",
+    "outcome",
+    "result_check",
+    "result_reasons",
 )
-"""The row's columns in order; ``id`` (insertion order) is added by the database."""
+"""The row's columns in order; ``id`` (insertion order) is added by the database, and the
+hash chain's (``chain.CHAIN_COLUMNS``) by the writer as it inserts."""
+
+OUTCOMES = frozenset({"ok", "refused", "invalid_call", "tool_failure", "unknown"})
+"""What ``outcome`` holds (``call.extra["outcome_class"]``); NULL: the call never ended."""
+RESULT_CHECKS = frozenset({"passed", "redacted", "blocked", "unchecked"})
+"""What ``result_check`` holds (``call.extra["result_check"]``); NULL: not recorded."""
 
 INSERT_COLUMNS: tuple[str, ...] = ("uid", *COLUMNS)
 """What ``JournalDb.insert`` gets: the row's unique id (its spool entry's), then ``COLUMNS``."""
@@ -109,9 +122,15 @@ class Journal(Protocol):
     async def query(self, query: CallQuery) -> list[dict[str, Any]]:
         """Recorded calls, newest first, as JSON-ready dicts."""
 
+    async def verify(self) -> VerifyReport:
+        """Walk every hash chain: which rows were altered or deleted since they were written."""
+
 
 class JournalDb(Protocol):
-    """One database driver's part: schema, batched insert, query, retention."""
+    """One database driver's part: schema, batched insert, query, retention, verification."""
+
+    chain: str
+    """The hash chain this instance writes (``chain.new_chain_id``): one per writer."""
 
     async def open(self, *, create: bool) -> bool:
         """Connect (and with ``create``, make or migrate the schema); false: nothing there."""
@@ -122,7 +141,8 @@ class JournalDb(Protocol):
         """The journal's id (``META_TABLE``): spool files are only replayed into their own."""
 
     async def insert(self, rows: Sequence[Row]) -> None:
-        """Insert ``INSERT_COLUMNS`` rows in one transaction; a ``uid`` already there is skipped."""
+        """Insert ``INSERT_COLUMNS`` rows in one transaction, linked in this order onto this
+        writer's hash chain; a ``uid`` already there is skipped (and takes no link)."""
 
     def refuses(self, exc: BaseException) -> bool:
         """True when ``exc`` says the rows themselves are refused: retrying cannot help."""
@@ -131,7 +151,11 @@ class JournalDb(Protocol):
         """Rows matching ``where``, newest first, as ``row_dict`` gives them."""
 
     async def purge(self, older_than: float, max_rows: int) -> int:
-        """Delete rows older than ``older_than`` and all but the newest ``max_rows``."""
+        """Delete rows older than ``older_than`` and all but the newest ``max_rows``, each
+        chain from its start only, keeping the last deleted row's hash as its anchor."""
+
+    async def verify(self) -> VerifyReport:
+        """Walk every chain from its anchor (one consistent snapshot)."""
 
 
 def _ms(seconds: float) -> float:
@@ -162,6 +186,19 @@ def _head(call: Call, query: str | None) -> Row:
     )
 
 
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def _reasons(value: Any) -> str | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    return json.dumps([_text(item) for item in items])
+
+
 def journal_row(call: Call, capture: CaptureConfig) -> Row:
     """The journal's facts about a finished call, in ``COLUMNS`` order: pure."""
     input_value, output_value = captured(call, capture)
@@ -178,6 +215,9 @@ def journal_row(call: Call, capture: CaptureConfig) -> Row:
         input_value,
         output_value,
         call.extra.get("approval_id"),
+        _text(call.extra.get("outcome_class")),
+        _text(call.extra.get("result_check")),
+        _reasons(call.extra.get("result_reasons")),
     )
 
 
@@ -194,6 +234,9 @@ def begin_row(call: Call) -> Row:
         None,
         None,
         call.extra.get("approval_id"),
+        None,
+        None,
+        None,
     )
 
 
@@ -205,6 +248,7 @@ def iso_time(seconds: float) -> str:
 def row_dict(record: Any) -> dict[str, Any]:
     """A stored row (mapping of column to value, plus ``id``) as the JSON that users see."""
     reasons = record["reasons"]
+    result_reasons = record["result_reasons"]
     return {
         "id": record["id"],
         "time": iso_time(record["time"]),
@@ -232,4 +276,7 @@ def row_dict(record: Any) -> dict[str, Any]:
         "input": record["input"],
         "output": record["output"],
         "approval_id": record["approval_id"],
+        "outcome": record["outcome"],
+        "result_check": record["result_check"],
+        "result_reasons": json.loads(result_reasons) if result_reasons else [],
     }

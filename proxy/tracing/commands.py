@@ -1,8 +1,10 @@
-"""``handrail calls`` (the local journal) and ``handrail traces`` (the trace backend).
+"""``handrail calls`` (the local journal), ``handrail calls verify`` (its hash chains) and
+``handrail traces`` (the trace backend).
 
 Each runs its own event loop. People get a readable table or tree; ``--json`` gives
-scripts a JSON array. Exit 0 on success (also when nothing matched), 2 with a one-line
-message on a usage error or when the journal or the backend cannot be reached.
+scripts a JSON array (an object for ``verify``). Exit 0 on success (also when nothing
+matched), 1 when ``verify`` finds rows altered or missing, 2 with a one-line message on a
+usage error or when the journal or the backend cannot be reached.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import aiohttp
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.tracing import attributes as attr
-from proxy.tracing.base import CallQuery
+from proxy.tracing.base import CallQuery, iso_time
+from proxy.tracing.chain import BreakKind, ChainBreak, RowRef, VerifyReport
 from proxy.tracing.phoenix import PhoenixClient, PhoenixSpan, PhoenixUnavailable, phoenix_url
 from proxy.tracing.setup import project_name
 
@@ -162,6 +165,72 @@ def render_calls(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         text += "  ".join([*cells, line[-1]]).rstrip() + "\n"
     return text
+
+
+# -- handrail calls verify --------------------------------------------------------------
+
+
+def verify_command(config: Config, *, out: TextIO, as_json: bool) -> int:
+    """Walk every hash chain of the journal: 0 intact, 1 rows altered or missing, 2 error."""
+    print(f"handrail: verifying the journal {journal_location(config)}", file=sys.stderr)
+    try:
+        report = asyncio.run(_verify_journal(config))
+    except Exception as exc:
+        return _fail(f"cannot read the journal in {_where(config.store.url)}: {exc}")
+    if as_json:
+        json.dump(report.to_json(), out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    else:
+        out.write(render_verify(report))
+    return 0 if report.intact else 1
+
+
+async def _verify_journal(config: Config) -> VerifyReport:
+    from proxy.tracing import journal_from_config
+
+    journal = journal_from_config(config, Metrics(), writer=False)
+    await journal.open()
+    try:
+        return await journal.verify()
+    finally:
+        await journal.close()
+
+
+def _row_text(row: RowRef) -> str:
+    return f"row {row.id}  {iso_time(row.time)}  tool {row.tool}  run {row.run}"
+
+
+def _break_text(item: ChainBreak) -> str:
+    seqs = str(item.seq) if item.seq == item.last_seq else f"{item.seq}-{item.last_seq}"
+    where = f"(chain {item.chain}, seq {seqs})"
+    if item.kind is BreakKind.ALTERED and item.row is not None:
+        return f"ALTERED  {_row_text(item.row)}  {where}: {item.detail}"
+    if item.row is not None:
+        return f"MISSING  before {_row_text(item.row)}  {where}: {item.detail}"
+    if item.before is not None:
+        return f"MISSING  after {_row_text(item.before)}  {where}: {item.detail}"
+    return f"MISSING  {where}: {item.detail}"
+
+
+def render_verify(report: VerifyReport) -> str:
+    """One summary line, then each altered row or run of missing rows, the first first."""
+    chains = f"{len(report.chains)} chain{'s' if len(report.chains) != 1 else ''}"
+    older = (
+        f"; {report.unchained} older rows from before the chain are not covered"
+        if report.unchained
+        else ""
+    )
+    if report.intact:
+        return f"journal intact: {report.rows} rows in {chains}{older}\n"
+    problems = len(report.breaks)
+    lines = [
+        f"journal BROKEN: {problems}{'+' if report.truncated else ''} "
+        f"problem{'s' if problems != 1 else ''} in {report.rows} rows, {chains}{older}",
+        *(_break_text(item) for item in report.breaks),
+    ]
+    if report.truncated:
+        lines.append("(more problems not listed)")
+    return "\n".join(lines) + "\n"
 
 
 # -- handrail traces --------------------------------------------------------------------

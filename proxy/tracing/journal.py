@@ -17,9 +17,16 @@ for a 200-byte body, ~25 µs for a 4 KB one (the end line JSON-escapes the captu
 again), the captured input and output being already built for the span; counting their
 capture and redaction too, ~17 -> ~31 µs and ~29 -> ~51 µs.
 
-Retention (``tracing.journal``) runs in a task of its own. The database is one backend per
-driver: ``journal_sqlite`` (``handrail-journal.db`` beside the store's file, so batches never
-take the store's write lock) and ``journal_postgres`` (the store's database).
+Each row carries the hash of the row before it (``chain``): the database part links each batch
+onto this writer's chain as it inserts it, in insert order (recovered rows too), in the same
+transaction, with one extra query per batch (the uids already there: a row taken twice must
+not take two links); hashing costs a few µs per row, in the writer, off the call path.
+``verify`` walks every chain.
+
+Retention (``tracing.journal``) runs in a task of its own and prunes each chain from its start.
+The database is one backend per driver: ``journal_sqlite`` (``handrail-journal.db`` beside the
+store's file, so batches never take the store's write lock) and ``journal_postgres`` (the
+store's database).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from proxy.call import Call
 from proxy.config import CaptureConfig, JournalConfig
 from proxy.metrics import Metrics
 from proxy.tracing.base import CallQuery, JournalDb, Row, Where, begin_row, journal_row
+from proxy.tracing.chain import VerifyReport
 from proxy.tracing.spool import (
     BEGIN,
     END,
@@ -250,6 +258,14 @@ class SqlJournal:
         if not self._present:
             return []
         return await self.db.select(Where.of(query))
+
+    async def verify(self) -> VerifyReport:
+        """Walk every hash chain in the database: the rows altered or deleted, if any."""
+        if not self._opened:
+            await self.open()
+        if not self._present:
+            return VerifyReport()
+        return await self.db.verify()
 
     async def purge(self) -> int:
         """Apply the retention limits now; returns how many rows went."""

@@ -13,6 +13,10 @@ only the segments of owners that are gone (``take_dead``). The lines:
 
 A segment rotates after ``MAX_ENTRIES`` entries or ``MAX_BYTES``, carrying the begins of
 calls still in flight, and is deleted once all its rows are committed, oldest first.
+
+Rows here carry no hash: the writer that inserts them links them onto its own chain
+(``chain``), in insert order, so a recovered or read-back row gets its link when the database
+takes it, and a row lost here (torn, never written) leaves no gap to mistake for a deletion.
 """
 
 from __future__ import annotations
