@@ -127,6 +127,15 @@ violations contains msg if {
 	msg := sprintf("agent %s may not write (write_budget 0): name it in handrail_settings.agents", [_agent_label])
 }
 
+# --- a run's finish line ----------------------------------------------------------------
+
+# Once a run is closed (handrail runs close ID, POST /runs/{id}/close) nothing writes in it:
+# its task was declared finished. Reads stay allowed.
+violations contains "run closed" if {
+	input.run.closed
+	_write
+}
+
 # --- loop detection ---------------------------------------------------------------------
 
 violations contains msg if {

@@ -57,6 +57,17 @@ test_write_past_budget_is_denied if {
 	d.reasons == {"run write budget spent: 50 of 50 writes"}
 }
 
+test_a_write_in_a_closed_run_is_denied if {
+	d := handrail.decision with input as object.union(_write({"name": "Ada"}), {"run": {"closed": true}})
+	d.allow == false
+	d.reasons == {"run closed"}
+}
+
+test_a_read_in_a_closed_run_is_allowed if {
+	d := handrail.decision with input as object.union(_read, {"run": {"closed": true}})
+	d.allow == true
+}
+
 test_read_past_write_budget_is_allowed if {
 	d := handrail.decision with input as object.union(_read, {"run": {"writes": 50}})
 	d.allow == true

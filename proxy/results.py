@@ -27,7 +27,7 @@ from typing import Any
 
 from proxy.call import Call, Outcome
 from proxy.deps import Deps
-from proxy.errors import ResultBlocked
+from proxy.errors import PolicyUnavailable, ResultBlocked
 from proxy.ingress.request import tee
 from proxy.mcp.inflight import settle_on_response
 from proxy.policy.input import policy_input, visible_headers
@@ -118,7 +118,7 @@ async def _check_answer(call: Call, deps: Deps) -> None:
         return
     try:
         shown = await _verdict(call, deps, upstream.status, upstream.headers, body)
-    except ResultBlocked:
+    except (ResultBlocked, PolicyUnavailable):  # withheld, or not checkable now: the tool ran
         _keep_the_real_answer(call, body)
         raise
     if shown is None:
@@ -176,8 +176,30 @@ async def _verdict(
         return None
     call.extra["result_check"] = "redacted"
     if message is not None:
+        redacted = _text_follows_structure(checked, redacted)
         return json.dumps({**message, "result": redacted}, ensure_ascii=False).encode()
     return json.dumps(redacted, ensure_ascii=False).encode()
+
+
+def _text_follows_structure(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """An MCP result often repeats ``structuredContent`` as JSON text in ``content``: a field
+    redacted in one must not be left readable in the other."""
+    structured = before.get("structuredContent")
+    content = after.get("content")
+    if structured is None or not isinstance(content, list):
+        return after
+    items = []
+    for item in content:
+        if isinstance(item, dict) and item.get("type") == "text":
+            try:
+                same = json.loads(item.get("text", "")) == structured
+            except (TypeError, ValueError):
+                same = False
+            if same:
+                text = json.dumps(after.get("structuredContent"), ensure_ascii=False)
+                item = {**item, "text": text}
+        items.append(item)
+    return {**after, "content": items}
 
 
 def _unchecked(call: Call, why: str) -> None:

@@ -42,6 +42,12 @@ def build_server(executions: Counter[str]) -> FastMCP[Any]:
         executions["send_email"] += 1
         return f"sent #{executions['send_email']} to {to}"
 
+    @mcp.tool(annotations={"readOnlyHint": True})
+    def read_config(name: str) -> str:
+        """A tool that leaks a credential in its answer (result checks withhold it)."""
+        executions["read_config"] += 1
+        return f"{name}: aws_access_key_id=AKIAIOSFODNN7EXAMPLE"
+
     @mcp.tool(annotations={"destructiveHint": True})
     def delete_everything() -> str:
         """Hidden from agents by the test policy."""

@@ -1,19 +1,26 @@
-"""A small server speaking OPA's REST Data API, standing in for the OPA binary in tests.
+"""A small server speaking OPA's REST API, standing in for the OPA binary in tests.
 
 The package registries do not carry the ``opa`` binary (and there is no Docker here), so the
 ``opa`` engine is tested against this: ``POST /v1/data/{path}`` with ``{"input": ...}``
 answers ``{"result": ..., "decision_id": ...}`` (no ``result`` when the document is
-undefined, like OPA) and ``GET /health`` answers 200. It evaluates the same policy files
-with regopy. ``mode`` lets a test make it misbehave: ``slow``, ``garbage`` (not JSON),
-``no_result``, ``wrong_shape``, ``error`` (500).
+undefined, like OPA), ``GET /v1/policies`` lists the served modules with their ``raw``
+source (as OPA does, minus the AST) and ``GET /health`` answers 200. Any data path can be
+asked: the decision, ``visible`` or ``result``.
+
+It evaluates the same policy files with regopy, or, with ``backend="opa"``, with OPA's own Go
+evaluator (``opa_bindings``, pip ``opa-golib-python-bindings``, when installed): then the
+``opa`` engine is tested against real OPA semantics. ``mode`` lets a test make it
+misbehave: ``slow``, ``garbage`` (not JSON), ``no_result``, ``wrong_shape``, ``error`` (500),
+``no_policies`` (``GET /v1/policies`` answers 403, as an OPA with authorization would).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -22,21 +29,59 @@ from proxy.policy.embedded import evaluate, load_interpreter, read_policy_files
 
 MODE = web.AppKey("mode", dict)
 
+Backend = Literal["regopy", "opa"]
+_Evaluate = Callable[[str, Any], tuple[bool, Any]]
+"""``(data path, input) -> (defined, value)``; raises ``PolicyUnavailable`` on failure."""
 
-def _compile(root: Path, path: str) -> Any:
-    interpreter = load_interpreter(read_policy_files(root))
-    return interpreter.build(None, [path])
 
-
-def build_opa_app(policy_path: Path, slow_s: float = 2.0) -> web.Application:
-    app = web.Application()
-    state: dict[str, Any] = {"mode": "ok", "requests": 0}
-    app[MODE] = state
+def _regopy(root: Path) -> _Evaluate:
     bundles: dict[str, Any] = {}
+
+    def run(path: str, document: Any) -> tuple[bool, Any]:
+        if path not in bundles:
+            bundles[path] = load_interpreter(read_policy_files(root)).build(None, [path])
+        return evaluate(bundles[path], path, document)
+
+    return run
+
+
+def _opa(root: Path) -> _Evaluate:
+    from opa_bindings import OpaEngine, OpaError, OpaUndefinedError
+
+    files = read_policy_files(root)
+    engine = OpaEngine()
+    for name, source in files.modules.items():
+        engine.add_policy(name, source)
+    engine.add_data(files.data)
+
+    def run(path: str, document: Any) -> tuple[bool, Any]:
+        try:
+            return True, engine.eval_document(path.replace("/", "."), document)
+        except OpaUndefinedError:
+            return False, None
+        except OpaError as exc:
+            raise PolicyUnavailable(f"OPA: {exc}") from None
+
+    return run
+
+
+def build_opa_app(
+    policy_path: Path, slow_s: float = 2.0, backend: Backend = "regopy"
+) -> web.Application:
+    app = web.Application()
+    state: dict[str, Any] = {"mode": "ok", "requests": 0, "paths": []}
+    app[MODE] = state
+    engine: dict[str, _Evaluate] = {}
+
+    def evaluator() -> _Evaluate:
+        if "run" not in engine:
+            engine["run"] = _opa(policy_path) if backend == "opa" else _regopy(policy_path)
+        return engine["run"]
 
     async def data(request: web.Request) -> web.StreamResponse:
         state["requests"] += 1
         path = request.match_info["path"].strip("/")
+        state["paths"].append(path)
         mode = state["mode"]
         if mode == "slow":
             await asyncio.sleep(slow_s)
@@ -50,10 +95,8 @@ def build_opa_app(policy_path: Path, slow_s: float = 2.0) -> web.Application:
             return web.json_response({"decision_id": decision_id})
         if mode == "wrong_shape":
             return web.json_response({"result": {"allow": "yes"}, "decision_id": decision_id})
-        if path not in bundles:
-            bundles[path] = _compile(policy_path, path)
         try:
-            defined, value = evaluate(bundles[path], path, body.get("input"))
+            defined, value = evaluator()(path, body.get("input"))
         except PolicyUnavailable as exc:
             return web.json_response({"code": "internal_error", "message": exc.message}, status=500)
         answer: dict[str, Any] = {"decision_id": decision_id}
@@ -61,15 +104,24 @@ def build_opa_app(policy_path: Path, slow_s: float = 2.0) -> web.Application:
             answer["result"] = value
         return web.json_response(answer)
 
+    async def policies(request: web.Request) -> web.Response:
+        if state["mode"] == "no_policies":
+            return web.json_response({"code": "unauthorized"}, status=403)
+        # `opa run -s DIR` serves the test modules too.
+        modules = read_policy_files(policy_path, with_tests=True).modules
+        listing = [{"id": name, "raw": source} for name, source in modules.items()]
+        return web.json_response({"result": listing})
+
     async def health(request: web.Request) -> web.Response:
         if state["mode"] == "error":
             return web.json_response({"error": "unhealthy"}, status=500)
         return web.json_response({})
 
     def reload() -> None:
-        bundles.clear()
+        engine.clear()
 
     state["reload"] = reload
     app.router.add_post("/v1/data/{path:.+}", data)
+    app.router.add_get("/v1/policies", policies)
     app.router.add_get("/health", health)
     return app

@@ -81,7 +81,7 @@ async def readyz(request: web.Request) -> web.Response:
     except HandrailError as exc:
         checks["store"] = {"ready": False, "detail": exc.message}
     checks["policy"] = asdict(deps.engine.status())
-    checks.update(request.app[DATA_APP][MCP_READINESS].checks())
+    checks.update(await request.app[DATA_APP][MCP_READINESS].checks())
     ready = all(bool(c["ready"]) for c in checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 

@@ -70,7 +70,7 @@ def build_app(config: Config, *, tracer_provider: TracerProvider | None = None) 
 
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
-    config, metrics, readiness = app[CONFIG], app[METRICS], app[MCP_READINESS]
+    config, metrics = app[CONFIG], app[METRICS]
     own_provider = PROVIDER not in app
     provider = (
         app[PROVIDER] if not own_provider else tracer_provider_from_config(config.tracing, metrics)
@@ -123,9 +123,6 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(deps.background.drain, BACKGROUND_GRACE_S)
         purge = asyncio.create_task(purge_loop(store, PURGE_INTERVAL_S))
         stack.callback(purge.cancel)
-        if readiness.tools:
-            probe = asyncio.create_task(readiness.run())
-            stack.callback(probe.cancel)
         logger.info(
             "handrail ready: engine=%s store=%s exporter=%s",
             engine.name,

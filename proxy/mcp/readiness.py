@@ -2,9 +2,10 @@
 
 A tool configured as MCP whose upstream answers something else (a web page, a REST API: a
 wrong URL) would have every call forwarded unguarded by MCP's rules; the proxy reports not
-ready until it answers in JSON-RPC. An upstream that does not answer at all is reported but
-leaves the proxy ready: the agent's calls get 502 until it is back, and a sidecar that went
-unready with its tool would take the agent's other tools down with it.
+ready until it answers in JSON-RPC (an ``initialize``, its session deleted at once). An
+upstream that does not answer at all is reported but leaves the proxy ready: the agent's
+calls get 502 until it is back, and a sidecar that went unready with its tool would take the
+agent's other tools down with it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from aiohttp import web
 
@@ -24,11 +26,14 @@ PROBE_EVERY_S = 30.0
 
 
 class McpReadiness:
+    """Probed when ``/readyz`` asks, at most every ``PROBE_EVERY_S`` (no traffic of its own
+    to the servers otherwise)."""
+
     def __init__(self, config: Config) -> None:
         self.tools = {n: t for n, t in config.tools.items() if t.kind == "mcp"}
-        self.state: dict[str, tuple[bool | None, str]] = {
-            name: (None, "not probed yet") for name in self.tools
-        }
+        self.state: dict[str, tuple[bool | None, str]] = {}
+        self._probed_at = -PROBE_EVERY_S
+        self._lock = asyncio.Lock()
 
     async def probe(self) -> None:
         for name, tool in self.tools.items():
@@ -38,13 +43,13 @@ class McpReadiness:
             if now[0] is False and (was is None or was[0] is not False):
                 logger.error("%s; /readyz reports not ready", now[1])
 
-    async def run(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await self.probe()
-            await asyncio.sleep(PROBE_EVERY_S)
-
-    def checks(self) -> dict[str, dict[str, object]]:
+    async def checks(self) -> dict[str, dict[str, object]]:
+        if self.tools:
+            async with self._lock:
+                if time.monotonic() - self._probed_at >= PROBE_EVERY_S:
+                    with contextlib.suppress(Exception):
+                        await self.probe()
+                    self._probed_at = time.monotonic()
         return {
             f"mcp:{name}": {"ready": speaks is not False, "detail": detail}
             for name, (speaks, detail) in self.state.items()

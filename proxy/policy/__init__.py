@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.policy.base import EngineStatus, PolicyEngine
+from proxy.policy.decision import ResultDecision
 
 if TYPE_CHECKING:
     from proxy.config import PolicyConfig
 
-__all__ = ["EngineStatus", "PolicyEngine", "engine_from_config"]
+__all__ = ["EngineStatus", "PolicyEngine", "ResultDecision", "engine_from_config"]
 
 
 def engine_from_config(config: PolicyConfig) -> PolicyEngine:

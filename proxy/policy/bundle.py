@@ -18,12 +18,12 @@ import regopy
 from regopy import rego_shared as rs
 
 from proxy.errors import ConfigError
+from proxy.policy.refs import defines_rule
 
 _ERROR_HEAD = re.compile(r"\(error (\d+):")
 _ERROR_AT = re.compile(r"\|(\d+)\|(\d+)")
 _ERROR_MSG = re.compile(r"\(errormsg (\d+):")
 _WITH_KEYWORD = re.compile(r"\bwith\s+[A-Za-z_][A-Za-z0-9_.\[\]\"]*\s+as\b")
-_PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
 
 
 def new_interpreter() -> Any:
@@ -62,6 +62,8 @@ class CompiledPolicy:
     decision: str
     visible: str | None
     """``{package}/visible`` when the package defines it (else every tool is visible)."""
+    result: str | None
+    """``{package}/result`` when the package defines it (else answers are not checked)."""
     revision: str
     modules: int
 
@@ -167,12 +169,8 @@ def describe_rego_error(text: str, sources: dict[str, str]) -> str:
 
 def _defines(modules: dict[str, str], package: str, rule: str) -> bool:
     """Whether a module of ``package`` has a rule head named ``rule`` (regopy cannot tell)."""
-    head = re.compile(rf"^(default\s+)?{re.escape(rule)}\b", re.MULTILINE)
-    for source in modules.values():
-        declared = _PACKAGE.search(source)
-        if declared and declared.group(1) == package and head.search(source):
-            return True
-    return False
+    served = (source for name, source in modules.items() if not is_test_module(Path(name)))
+    return defines_rule(served, package, rule)
 
 
 def _refuse_with(modules: dict[str, str]) -> None:
@@ -217,11 +215,19 @@ def served_visible(root: Path, files: PolicyFiles, entrypoint: str) -> str | Non
     return visible
 
 
+def served_result(files: PolicyFiles, entrypoint: str) -> str | None:
+    """``{package}/result`` when the decision's package defines a ``result`` rule."""
+    package = entrypoint.rpartition("/")[0]
+    defined = _defines(files.modules, package.replace("/", "."), "result")
+    return f"{package}/result" if defined else None
+
+
 def compile_files(root: Path, files: PolicyFiles, entrypoint: str) -> CompiledPolicy:
     """Compile files already read; ``ConfigError`` names the file and line."""
     visible = served_visible(root, files, entrypoint)
+    result = served_result(files, entrypoint)
     interpreter = load_interpreter(files)
-    entrypoints = [entrypoint] if visible is None else [entrypoint, visible]
+    entrypoints = [e for e in (entrypoint, visible, result) if e is not None]
     try:
         bundle = interpreter.build(None, entrypoints)
     except regopy.RegoError as exc:
@@ -233,6 +239,7 @@ def compile_files(root: Path, files: PolicyFiles, entrypoint: str) -> CompiledPo
         bundle=bundle,
         decision=entrypoint,
         visible=visible,
+        result=result,
         revision=files.revision,
         modules=len(files.modules),
     )

@@ -10,6 +10,8 @@ printing), the cache's key: an input that differs elsewhere (its ``idempotency_k
 anything the policy reads asks another.
 
 What is cached and when:
+- decisions and ``visible``, never ``result`` (the check of a tool's answer: the answer is
+  new each time, and its body would make poor keys);
 - the embedded engine only: it compiled the policy and its data and knows when they
   change; an OPA server's data can change behind the proxy's back;
 - keys are a 128-bit BLAKE2b digest of the question, so an entry's size does not grow with
@@ -104,8 +106,9 @@ class DecisionCache:
             self._caching = True
             self.off_reason = None
 
-    def question(self, rule: str, document: dict[str, Any]) -> Question:
-        """``document`` trimmed to what the policy reads, encoded once, and its key."""
+    def question(self, rule: str, document: dict[str, Any], keyed: bool = True) -> Question:
+        """``document`` trimmed to what the policy reads, encoded once, and its key
+        (none when not ``keyed``: a question whose answer must never be reused)."""
         paths = self._paths
         if paths is None:
             return Question(document, None, None)
@@ -114,7 +117,7 @@ class DecisionCache:
             encoded = _encode(trimmed).encode()
         except (TypeError, ValueError):  # the evaluators say what is wrong with it
             return Question(trimmed, None, None)
-        if not self._caching:
+        if not self._caching or not keyed:
             return Question(trimmed, encoded, None)
         digest = blake2b(rule.encode(), digest_size=16)
         digest.update(b"\0")

@@ -1,16 +1,35 @@
-"""Validate the raw value a policy returned into a ``Decision``: pure, engine-agnostic.
+"""Validate the raw value a policy returned into a ``Decision`` or a ``ResultDecision``:
+pure, engine-agnostic.
 
-A value of the wrong shape is a deny whose reason says what was wrong, so a broken policy
-never lets a call through; an undefined value is the engines' business (fail closed, 503).
+A value of the wrong shape is a deny (or a blocked answer) whose reason says what was
+wrong, so a broken policy never lets a call or an answer through; an undefined decision is
+the engines' business (fail closed, 503), an undefined ``result`` passes the answer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.call import Decision
 
 MALFORMED = "malformed decision"
+MALFORMED_RESULT = "malformed result"
+
+
+@dataclass(frozen=True, slots=True)
+class ResultDecision:
+    """The ``result`` rule's verdict on a tool's answer, validated.
+
+    ``allow: False`` withholds the answer (502 ``result_blocked``); ``reasons`` go to the
+    agent when blocked and to the trace either way; ``redact`` names the body's fields
+    (dotted paths, ``*`` for every element of an array) to replace with ``"[REDACTED]"``.
+    """
+
+    allow: bool
+    reasons: tuple[str, ...] = ()
+    redact: tuple[str, ...] = ()
+    decision_id: str | None = None
 
 
 def _malformed(why: str, decision_id: str | None) -> Decision:
@@ -44,6 +63,46 @@ def decision_from_value(value: Any, decision_id: str | None = None) -> Decision:
         require_approval=approval,
         decision_id=decision_id,
     )
+
+
+def result_from_value(value: Any, decision_id: str | None = None) -> ResultDecision:
+    """``{"allow": bool, "reasons": [string], "redact": [string]}`` -> ``ResultDecision``.
+
+    ``reasons`` and ``redact`` may be left out (or null); anything else malformed blocks the
+    answer, with a reason saying what was wrong. ``redact`` keeps its first occurrences.
+    """
+
+    def malformed(why: str) -> ResultDecision:
+        return ResultDecision(
+            allow=False, reasons=(f"{MALFORMED_RESULT}: {why}",), decision_id=decision_id
+        )
+
+    if not isinstance(value, dict):
+        return malformed(f"expected an object, got {_kind(value)}")
+    allow = value.get("allow")
+    if not isinstance(allow, bool):
+        what = "missing" if "allow" not in value else f"a {_kind(allow)}"
+        return malformed(f'"allow" must be a boolean, is {what}')
+    reasons = _list(value, "reasons")
+    if reasons is None or not all(isinstance(r, str) for r in reasons):
+        return malformed('"reasons" must be a list of strings')
+    redact = _list(value, "redact")
+    if redact is None or not all(isinstance(p, str) and p for p in redact):
+        return malformed('"redact" must be a list of field paths (non-empty strings)')
+    return ResultDecision(
+        allow=allow,
+        reasons=tuple(reasons),
+        redact=tuple(dict.fromkeys(redact)),
+        decision_id=decision_id,
+    )
+
+
+def _list(document: dict[str, Any], key: str) -> list[Any] | None:
+    """The list at ``key``; absent or null is empty; ``None`` when it is not a list."""
+    value = document.get(key)
+    if value is None:
+        return []
+    return value if isinstance(value, list) else None
 
 
 def visible_from_value(defined: bool, value: Any) -> bool:

@@ -6,7 +6,8 @@ and evaluation never contends for the proxy's GIL. With ``isolation="thread"`` t
 runs in-process on a dedicated thread pool (regopy releases the GIL), one interpreter per
 thread (``proxy.policy.query``). Either way each decision is bounded by a timeout, a policy
 that stops compiling on reload leaves the last good one serving, and every failure is
-fail-closed.
+fail-closed. The ``result`` rule (checks of a tool's answer) runs the same way, but never
+through the decision cache: an answer is new every time.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ from proxy.policy.bundle import (
     load_interpreter,
     policy_paths,
     read_policy_files,
+    served_result,
     served_visible,
 )
 from proxy.policy.cache import DecisionCache, Question
-from proxy.policy.decision import decision_from_value, visible_from_value
+from proxy.policy.decision import (
+    ResultDecision,
+    decision_from_value,
+    result_from_value,
+    visible_from_value,
+)
 from proxy.policy.pool import WorkerPool
 from proxy.policy.query import evaluate, first_query_value, node_value
 from proxy.policy.refs import (
@@ -95,6 +102,8 @@ class _Served:
     """What the modules read of the input (``None``: may read all of it)."""
     impure: frozenset[str] = frozenset()
     """The impure builtins the modules call: their decisions are not cached."""
+    result: bool = False
+    """The package defines ``result``: answers are checked."""
 
 
 class _Evaluators(Protocol):
@@ -160,7 +169,7 @@ class _Threads:
         compiled, executor = self.compiled, self.executor
         if compiled is None or executor is None:
             raise PolicyUnavailable("the embedded policy engine is not started")
-        entrypoint = compiled.decision if rule == "decision" else compiled.visible
+        entrypoint = _entrypoint(compiled, rule)
         if entrypoint is None:
             return False, None
         loop = asyncio.get_running_loop()
@@ -183,6 +192,16 @@ class _Threads:
             self.executor = None
 
 
+def _entrypoint(compiled: CompiledPolicy, rule: str) -> str | None:
+    if rule == "decision":
+        return compiled.decision
+    if rule == "visible":
+        return compiled.visible
+    if rule == "result":
+        return compiled.result
+    raise PolicyUnavailable(f"no such policy rule: {rule}")
+
+
 def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
     """Read and check the files in pure Python (no rego-cpp): ConfigError names the file."""
     files = read_policy_files(root)
@@ -196,6 +215,7 @@ def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
         optional_fields_of(paths),
         paths,
         impure_builtins(served),
+        result=served_result(files, entrypoint) is not None,
     )
 
 
@@ -298,6 +318,19 @@ class EmbeddedEngine:
 
         shown, _ = await self.cache.answer(question.key, evaluate)
         return bool(shown)
+
+    @property
+    def has_result(self) -> bool:
+        served = self._served
+        return served is not None and served.result
+
+    async def result(self, document: dict[str, Any]) -> ResultDecision:
+        """The ``result`` rule on the call's input plus ``response``: never cached."""
+        question = self.cache.question("result", document, keyed=False)
+        defined, value = await self._run("result", question)
+        if not defined:
+            return ResultDecision(allow=True, decision_id=uuid.uuid4().hex)
+        return result_from_value(value, uuid.uuid4().hex)
 
     async def reload(self) -> EngineStatus:
         """Re-compile now; a failure keeps the last good policy and shows in ``status()``."""

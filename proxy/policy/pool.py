@@ -31,6 +31,7 @@ from proxy.policy.worker import (
     LOAD,
     LOAD_FAILED,
     LOADED,
+    RESULT,
     UNDEFINED,
     VISIBLE,
     frame,
@@ -45,7 +46,7 @@ HEALTHY_AFTER_S = 10.0
 """A worker that lived this long restarts at the shortest backoff again."""
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
-_OPS = {"decision": DECISION, "visible": VISIBLE}
+_OPS = {"decision": DECISION, "visible": VISIBLE, "result": RESULT}
 _Pending = tuple[int, "asyncio.Future[tuple[int, bytes]]", float]
 
 

@@ -39,7 +39,6 @@ _value_size = _bind("regoNodeValueSize", ctypes.c_uint32, ctypes.c_void_p)
 _BUFFER = ctypes.POINTER(ctypes.c_char)
 _value = _bind("regoNodeValue", ctypes.c_uint32, ctypes.c_void_p, _BUFFER, ctypes.c_uint32)
 _WRAPPERS = (NodeKind.Term.value, NodeKind.Scalar.value)
-_LISTS = (NodeKind.Array.value, NodeKind.Set.value)
 
 
 def _text(node: int) -> str:
@@ -55,6 +54,7 @@ def node_value(node: Any) -> Any:
 
     Not ``Output``'s JSON: regopy does not escape quotes or backslashes in the strings it
     prints, so a reason quoting the input would not parse. Nodes hold the raw strings.
+    A set comes out sorted, as OPA sorts it.
     """
     kind = _node_type(node)
     while kind in _WRAPPERS:
@@ -72,8 +72,13 @@ def node_value(node: Any) -> Any:
         return float(_text(node))
     if kind == NodeKind.Null:
         return None
-    if kind in _LISTS:
+    if kind == NodeKind.Array:
         return [node_value(_node_get(node, i)) for i in range(_node_size(node))]
+    if kind == NodeKind.Set:
+        # OPA hands a set out sorted; rego-cpp in the order it was built. Sort it, so that
+        # a set of reasons or paths comes out the same on both engines.
+        members = [node_value(_node_get(node, i)) for i in range(_node_size(node))]
+        return sorted(members, key=_opa_order) if len(members) > 1 else members
     if kind == NodeKind.Object:
         items: dict[Any, Any] = {}
         for i in range(_node_size(node)):
@@ -82,6 +87,23 @@ def node_value(node: Any) -> Any:
             items[key if isinstance(key, str) else json.dumps(key)] = node_value(_node_get(item, 1))
         return items
     raise ValueError(f"unexpected result node {rs.rego_node_type_name(node)}")
+
+
+def _opa_order(value: Any) -> tuple[Any, ...]:
+    """OPA's order of values: null, booleans, numbers, strings (by code point, which is
+    UTF-8 byte order), arrays, then objects (by their sorted items)."""
+    if value is None:
+        return (0,)
+    if isinstance(value, bool):
+        return (1, value)
+    if isinstance(value, (int, float)):
+        return (2, value)
+    if isinstance(value, str):
+        return (3, value)
+    if isinstance(value, list):
+        return (4, tuple(_opa_order(item) for item in value))
+    items = sorted((_opa_order(k), _opa_order(v)) for k, v in value.items())
+    return (5, tuple(items))
 
 
 def _string(raw: str) -> str:

@@ -6,7 +6,8 @@ never look at them: building, sending and converting them is pure cost on every 
 the proxy can leave out ``headers`` and ``query`` when no module does; ``input_paths``
 finds every input path they mention, which the engine trims the document to and keys its
 decision cache on (``proxy.policy.cache``); ``impure_builtins`` finds the calls that keep a
-decision out of that cache.
+decision out of that cache; ``defines_rule`` finds which optional rules (``visible``,
+``result``) a package defines, for either engine.
 
 The reading is deliberately conservative: after dropping comments and string literals, any
 mention of ``input`` that is not a plain dotted path to a field of ``input.request`` or of
@@ -30,6 +31,20 @@ _LEXEME = re.compile(
     r"|\binput\b(?:\s*(?:\.\s*[A-Za-z_][A-Za-z0-9_]*|\[))*"  # a reference to the input
 )
 _SEGMENT = re.compile(r"\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[")
+_PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
+
+
+def package_of(source: str) -> str | None:
+    """The module's dotted package name, if it declares one."""
+    declared = _PACKAGE.search(source)
+    return declared.group(1) if declared else None
+
+
+def defines_rule(sources: Iterable[str], package: str, rule: str) -> bool:
+    """Whether a module of the dotted ``package`` has a rule head named ``rule`` at the
+    start of a line (``default`` or not), as ``opa fmt`` writes them."""
+    head = re.compile(rf"^(default\s+)?{re.escape(rule)}\b", re.MULTILINE)
+    return any(package_of(source) == package and head.search(source) for source in sources)
 
 
 def request_fields(sources: Iterable[str]) -> frozenset[str] | None:

@@ -7,8 +7,9 @@ frame on stdout, in order (requests are pipelined: many may be in flight). A fra
 - ``LOAD``: the policy files as JSON (``load_message``); the worker compiles them and switches
   to them only if they compile (``LOADED`` with the policy's summary, else ``LOAD_FAILED``
   with the ``file:line`` message: the old policy stays).
-- ``DECISION`` / ``VISIBLE``: the input document as JSON; the answer is ``DEFINED`` with the
-  value as JSON, ``UNDEFINED``, or ``FAILED`` with a message (fail closed).
+- ``DECISION`` / ``VISIBLE`` / ``RESULT``: the input document as JSON; the answer is
+  ``DEFINED`` with the value as JSON, ``UNDEFINED`` (also when the policy has no such
+  rule), or ``FAILED`` with a message (fail closed).
 
 EOF on stdin ends the worker. Anything rego-cpp prints lands on stderr, which the parent
 logs: the protocol has its own copy of the original stdout.
@@ -31,7 +32,7 @@ from proxy.policy.query import evaluate
 HEADER = struct.Struct("!IIB")
 """Body length, request id, op (requests) or status (responses)."""
 
-DECISION, VISIBLE, LOAD = 1, 2, 3
+DECISION, VISIBLE, LOAD, RESULT = 1, 2, 3, 4
 DEFINED, UNDEFINED, FAILED, LOADED, LOAD_FAILED = 0, 1, 2, 3, 4
 
 
@@ -69,7 +70,14 @@ class _Worker:
         compiled = self.compiled
         if compiled is None:
             return frame(ident, FAILED, b"no policy loaded in the worker")
-        entrypoint = compiled.decision if op == DECISION else compiled.visible
+        if op == DECISION:
+            entrypoint = compiled.decision
+        elif op == VISIBLE:
+            entrypoint = compiled.visible
+        elif op == RESULT:
+            entrypoint = compiled.result
+        else:
+            return frame(ident, FAILED, f"unknown request op {op}".encode())
         if entrypoint is None:
             return frame(ident, UNDEFINED, b"")
         try:
