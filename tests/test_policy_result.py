@@ -356,14 +356,18 @@ async def test_a_reload_finds_a_result_rule_added_later(
         await engine.close()
 
 
-async def test_results_are_never_cached() -> None:
+async def test_a_result_is_cached_by_what_the_policy_reads_answer_included() -> None:
+    """A replayed answer (the same answer to the same call) is not evaluated again; another
+    answer is."""
     engine = EmbeddedEngine(SHIPPED, "handrail/decision", watch=False, isolation="thread")
     await engine.start()
     try:
         document = answered(READ, {"id": 1})
         for _ in range(3):
             await engine.result(document)
-        assert (len(engine.cache), engine.cache.hits, engine.cache.misses) == (0, 0, 0)
+        assert (engine.cache.hits, engine.cache.misses) == (2, 1)
+        await engine.result(answered(READ, {"id": 2}))
+        assert (engine.cache.hits, engine.cache.misses) == (2, 2)
         first, second = await engine.result(document), await engine.result(document)
         assert first.decision_id != second.decision_id
     finally:

@@ -325,12 +325,17 @@ class EmbeddedEngine:
         return served is not None and served.result
 
     async def result(self, document: dict[str, Any]) -> ResultDecision:
-        """The ``result`` rule on the call's input plus ``response``: never cached."""
-        question = self.cache.question("result", document, keyed=False)
-        defined, value = await self._run("result", question)
-        if not defined:
-            return ResultDecision(allow=True, decision_id=uuid.uuid4().hex)
-        return result_from_value(value, uuid.uuid4().hex)
+        """The ``result`` rule on the call's input plus ``response``. Cached as decisions
+        are (by what the policy reads, answer included, and only while it is pure): a
+        replayed answer is checked again without a second evaluation."""
+        question = self.cache.question("result", document)
+
+        async def evaluate() -> ResultDecision:
+            defined, value = await self._run("result", question)
+            return result_from_value(value) if defined else ResultDecision(allow=True)
+
+        verdict, _ = await self.cache.answer(question.key, evaluate)
+        return replace(verdict, decision_id=uuid.uuid4().hex)
 
     async def reload(self) -> EngineStatus:
         """Re-compile now; a failure keeps the last good policy and shows in ``status()``."""
