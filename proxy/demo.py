@@ -33,6 +33,10 @@ def sample_tool() -> tuple[web.Application, dict[str, int]]:
     contacts: dict[str, dict[str, Any]] = {}
     keys: list[str] = []
 
+    async def export(request: web.Request) -> web.Response:
+        # A tool that leaks a credential in its answer: the result check withholds it.
+        return web.json_response({"id": "x-1", "sync": "aws_key=AKIAIOSFODNN7EXAMPLE"})
+
     async def list_contacts(request: web.Request) -> web.Response:
         return web.json_response({"contacts": list(contacts.values())})
 
@@ -50,6 +54,7 @@ def sample_tool() -> tuple[web.Application, dict[str, int]]:
 
     app = web.Application()
     app.router.add_get("/contacts", list_contacts)
+    app.router.add_get("/export", export)
     app.router.add_post("/contacts", create_contact)
     app.router.add_post("/refunds", refund)
     app[KEYS_SEEN] = keys
@@ -252,6 +257,37 @@ async def _demo(out: TextIO) -> int:
         )
         p(f"  the tool ran refund {ran['refund']} time(s)")
         ok &= status == 200 and ran["refund"] == 1 and ran["create_contact"] == 1
+        status, data, _ = await call(
+            "8. A tool's answer carries a leaked key: the result check withholds it",
+            "GET",
+            "crm/export",
+        )
+        error = data.get("error", {})
+        for reason in error.get("reasons", []):
+            p(f"  reason: {reason}")
+        ok &= status == 502 and error.get("code") == "result_blocked"
+        ok &= "AKIA" not in json.dumps(data)
+        async with http.post(f"{admin_url}/runs/{run_id}/close", json={"by": "demo"}) as resp:
+            ok &= resp.status == 200
+        p(f"\n9. The task is done: the run's finish line is drawn (handrail runs close {run_id})")
+        status, data, _ = await call(
+            "10. A write after the finish line: refused",
+            "POST",
+            "crm/contacts",
+            {"name": "Late Write"},
+        )
+        p(f"  reason: {'; '.join(data.get('error', {}).get('reasons', []))}")
+        ok &= status == 403 and ran["create_contact"] == 1
+        async with http.get(f"{admin_url}/runs/{run_id}") as resp:
+            ledger = await resp.json()
+        totals = ledger["totals"]
+        counts = ", ".join(f"{k} {v}" for k, v in totals["outcomes"].items() if v)
+        p(
+            f"\nThe run's ledger (GET /runs/{run_id}, handrail runs --run {run_id}): "
+            f"{totals['calls']} calls: {counts}; {totals['writes']} writes ran, "
+            f"{totals['replayed']} replayed; closed by {ledger['closed_by']}"
+        )
+        ok &= ledger["closed"] is True
 
     deps = app[DEPS]
     await deps.journal.flush()
