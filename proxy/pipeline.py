@@ -166,6 +166,7 @@ async def decide(call: Call, deps: Deps) -> None:
                 deps.config.tracing.capture.redact,
                 request_fields=deps.engine.request_fields,
             )
+            call.extra["policy_input"] = document  # kept (redacted) for replay
             decision = await deps.engine.decide(document)
         except BaseException:
             await asyncio.shield(_refund_undecided(call, deps))

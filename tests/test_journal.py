@@ -310,7 +310,7 @@ async def test_sqlite_journal_lives_in_its_own_file_beside_the_store(tmp_path: P
         versions = dict(db.execute("SELECT component, version FROM handrail_schema").fetchall())
         rows = db.execute("SELECT count(*) FROM handrail_journal").fetchone()[0]
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert (versions, rows, mode) == ({"journal": 4}, 1, "wal")
+    assert (versions, rows, mode) == ({"journal": 5}, 1, "wal")
     assert not store_file.exists()
 
 
@@ -359,7 +359,7 @@ async def test_postgres_schema_version_is_recorded_beside_the_stores(pg_prefix: 
         rows = await conn.fetch("SELECT component, version FROM handrail_schema")
     finally:
         await conn.close()
-    assert {r["component"]: r["version"] for r in rows} == {"store": 7, "journal": 4}
+    assert {r["component"]: r["version"] for r in rows} == {"store": 7, "journal": 5}
 
 
 # -- handrail calls ---------------------------------------------------------------------------

@@ -54,6 +54,8 @@ COLUMNS: tuple[str, ...] = (
     "outcome",
     "result_check",
     "result_reasons",
+    "policy_input",
+    "shadow",
 )
 """The row's columns in order; ``id`` (insertion order) is added by the database, and the
 hash chain's (``chain.CHAIN_COLUMNS``) by the writer as it inserts."""
@@ -218,7 +220,23 @@ def journal_row(call: Call, capture: CaptureConfig) -> Row:
         _text(call.extra.get("outcome_class")),
         _text(call.extra.get("result_check")),
         _reasons(call.extra.get("result_reasons")),
+        _kept_input(call, capture),
+        _shadow(call.extra.get("shadow")),
     )
+
+
+def _kept_input(call: Call, capture: CaptureConfig) -> str | None:
+    """The policy input as decided, for ``handrail replay`` (``proxy.replay.record``)."""
+    document = call.extra.get("policy_input")
+    if document is None:
+        return None
+    from proxy.replay.record import keep
+
+    return keep(document, redactor_for(call, capture))
+
+
+def _shadow(shadow: Any) -> str | None:
+    return json.dumps(shadow, ensure_ascii=False) if shadow is not None else None
 
 
 def begin_row(call: Call) -> Row:
@@ -234,6 +252,8 @@ def begin_row(call: Call) -> Row:
         None,
         None,
         call.extra.get("approval_id"),
+        None,
+        None,
         None,
         None,
         None,
@@ -279,4 +299,6 @@ def row_dict(record: Any) -> dict[str, Any]:
         "outcome": record["outcome"],
         "result_check": record["result_check"],
         "result_reasons": json.loads(result_reasons) if result_reasons else [],
+        "policy_input": record["policy_input"],
+        "shadow": json.loads(record["shadow"]) if record["shadow"] else None,
     }

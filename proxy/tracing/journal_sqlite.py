@@ -115,6 +115,13 @@ MIGRATIONS: Migrations = (
             )""",
         ),
     ),
+    (
+        5,
+        (  # what replay needs: the policy input as decided; the shadow policy's decision
+            f"ALTER TABLE {TABLE} ADD COLUMN policy_input TEXT",
+            f"ALTER TABLE {TABLE} ADD COLUMN shadow TEXT",
+        ),
+    ),
 )
 
 _STORED = (*INSERT_COLUMNS, *CHAIN_COLUMNS)
