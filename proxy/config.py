@@ -165,6 +165,9 @@ class PolicyConfig(_Model):
     proxy down, and evaluation never contends for the proxy's GIL) or in threads."""
     cache: PolicyCacheConfig = PolicyCacheConfig()
     """embedded: the decision cache (``proxy.policy.cache``)."""
+    shadow: Path | None = None
+    """A directory of candidate policies: every live call is decided by them too, off the
+    call's path; the live decision is enforced, the shadow one recorded and compared."""
 
     @field_validator("entrypoint")
     @classmethod
@@ -373,6 +376,10 @@ def parse_config(
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     if base_dir is not None and not config.policy.path.is_absolute():
         policy = config.policy.model_copy(update={"path": base_dir / config.policy.path})
+        config = config.model_copy(update={"policy": policy})
+    shadow = config.policy.shadow
+    if base_dir is not None and shadow is not None and not shadow.is_absolute():
+        policy = config.policy.model_copy(update={"shadow": base_dir / shadow})
         config = config.model_copy(update={"policy": policy})
     store_url = config.store.url
     if base_dir is not None and store_url.startswith("sqlite:///"):

@@ -29,3 +29,5 @@ class Deps:
     approvals: Approvals
     pinning: Pinning
     background: Background
+    shadow: PolicyEngine | None = None
+    """``policy.shadow``: candidate policies deciding every call beside the live ones."""

@@ -100,6 +100,12 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.shadow_differences = Counter(
+            "handrail_shadow_differences",
+            "Calls the shadow policies (policy.shadow) decided otherwise than the live ones.",
+            ["tool", "change"],
+            registry=r,
+        )
         self.approval_notify_failures = Counter(
             "handrail_approval_notify_failures",
             "Approval notifications the webhook did not take (the request still waits in /ui).",

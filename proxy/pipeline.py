@@ -35,6 +35,8 @@ from proxy.deps import Deps
 from proxy.errors import BadRequest, HandrailError, PolicyDenied
 from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
 from proxy.policy.input import policy_input
+from proxy.policy.shadow import WAIT_S as SHADOW_WAIT_S
+from proxy.policy.shadow import shadow_record
 from proxy.runs.ledger import classify
 from proxy.tracing.attributes import (
     DECISION_CACHED,
@@ -167,6 +169,8 @@ async def decide(call: Call, deps: Deps) -> None:
                 request_fields=deps.engine.request_fields,
             )
             call.extra["policy_input"] = document  # kept (redacted) for replay
+            if deps.shadow is not None:  # candidates decide beside, never waited for here
+                call.extra["shadow_task"] = deps.background.keep(deps.shadow.decide(document))
             decision = await deps.engine.decide(document)
         except BaseException:
             await asyncio.shield(_refund_undecided(call, deps))
@@ -290,7 +294,21 @@ def record_after_answer(call: Call, deps: Deps) -> None:
         record(call, deps)
         return
     span.hold()
-    asyncio.get_running_loop().call_soon(_record_and_release, call, deps, span)
+    loop = asyncio.get_running_loop()
+    shadow = call.extra.get("shadow_task")
+    if shadow is None or shadow.done():
+        loop.call_soon(_record_and_release, call, deps, span)
+        return
+    # The record waits for the shadow decision (the answer is already on its way).
+    once: list[bool] = []
+
+    def record_once(*_: object) -> None:
+        if not once:
+            once.append(True)
+            _record_and_release(call, deps, span)
+
+    shadow.add_done_callback(record_once)
+    loop.call_later(SHADOW_WAIT_S, record_once)
 
 
 def _record_and_release(call: Call, deps: Deps, span: TracerSpan) -> None:
@@ -320,6 +338,16 @@ def record(call: Call, deps: Deps) -> None:
         unknown=call.outcome is Outcome.UNKNOWN and call.claim is not None,
     )
     call.extra["outcome_class"] = outcome.value
+    task = call.extra.pop("shadow_task", None)
+    if task is not None:
+        shadowed = shadow_record(call.decision, task)
+        call.extra["shadow"] = shadowed
+        if shadowed.get("change"):
+            deps.metrics.shadow_differences.labels(call.tool_name, shadowed["change"]).inc()
+        if call.span is not None and shadowed.get("decision"):
+            call.span.set_attribute("handrail.shadow.decision", shadowed["decision"])
+            if shadowed.get("change"):
+                call.span.set_attribute("handrail.shadow.change", shadowed["change"])
     if call.span is not None:
         call.span.set_attribute("handrail.outcome", outcome.value)
         record_span(call, call.span, deps.config.tracing.capture)

@@ -91,6 +91,15 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         engine = engine_from_config(config.policy)
         await engine.start()
         stack.push_async_callback(engine.close)
+        shadow = None
+        if config.policy.shadow is not None:  # candidates: embedded, one evaluator, aside
+            shadow = engine_from_config(
+                config.policy.model_copy(
+                    update={"engine": "embedded", "path": config.policy.shadow, "workers": 1}
+                )
+            )
+            await shadow.start()
+            stack.push_async_callback(shadow.close)
         journal = journal_from_config(config, metrics)
         await journal.open()
         stack.push_async_callback(journal.close)
@@ -116,6 +125,7 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
             approvals=approvals,
             pinning=Pinning(approvals, config.pinning.mode),
+            shadow=shadow,
             background=background,
         )
         app[DEPS] = deps
