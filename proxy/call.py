@@ -209,6 +209,9 @@ class Call:
     unknown_reason: UnknownReason | None = None
     on_progress: Callable[[], None] | None = None
     """Called as the tool's answer makes progress (an SSE event): keeps the key's lease."""
+    on_answer: Callable[[], None] | None = None
+    """Called when the call's whole answer is in hand before its stream ends (an MCP
+    response ahead of the rest of its event stream): the key is settled at once."""
     replayed: bool = False
     error: HandrailError | None = None
     span: Span | None = None

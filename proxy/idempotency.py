@@ -303,6 +303,15 @@ def settlement(call: Call) -> Settlement:
     )
 
 
+def settle_now(call: Call, deps: Deps) -> None:
+    """The answer is in hand while its stream goes on: settle the key now (in the
+    background), so the agent's next call, sent as soon as it read the answer, finds the
+    record complete instead of a call still in flight."""
+    if not call.extra.get("settled_early"):
+        call.extra["settled_early"] = True  # the pipeline's end leaves it be
+        deps.background.spawn(settle_key(call, deps))
+
+
 async def settle_key(call: Call, deps: Deps) -> None:
     """Settle an owned key as ``settlement`` says; a refused settle is retried later."""
     claim = call.claim

@@ -33,7 +33,14 @@ from proxy import results
 from proxy.call import Call, DecisionKind, Outcome, UnknownReason
 from proxy.deps import Deps
 from proxy.errors import BadRequest, HandrailError, PolicyDenied
-from proxy.idempotency import claim_key, drop_claim, prepare_key, settle_key, start_claim
+from proxy.idempotency import (
+    claim_key,
+    drop_claim,
+    prepare_key,
+    settle_key,
+    settle_now,
+    start_claim,
+)
 from proxy.policy.input import policy_input
 from proxy.policy.shadow import WAIT_S as SHADOW_WAIT_S
 from proxy.policy.shadow import shadow_record
@@ -130,7 +137,8 @@ async def run(call: Call, deps: Deps) -> None:
             # Journaled before the key is settled: a crash during the settle must not
             # leave an answered call looking interrupted.
             record_after_answer(call, deps)
-            await asyncio.shield(settle_key(call, deps))
+            if not call.extra.get("settled_early"):  # else settled when the answer came
+                await asyncio.shield(settle_key(call, deps))
 
 
 @contextmanager
@@ -276,6 +284,7 @@ async def deliver(call: Call, deps: Deps) -> None:
         return
     assert call.upstream is not None
     call.status = call.upstream.status
+    call.on_answer = lambda: settle_now(call, deps)
     try:
         await call.reply.stream(call, call.upstream)
         results.restore_the_real_answer(call)

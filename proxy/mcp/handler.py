@@ -42,6 +42,8 @@ from proxy.tracing.attributes import (
     MCP_METHOD_NAME,
     MCP_PROTOCOL_VERSION,
     MCP_SESSION_ID,
+    SESSION_ID,
+    USER_ID,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,11 @@ async def handle_mcp(request: web.Request, deps: Deps, ident: Identity) -> web.S
     session = request.headers.get(SESSION_HEADER)
     if session:
         ident.span.set_attribute(MCP_SESSION_ID, session)
+    # Every MCP message's span belongs to the run (Phoenix groups a session's spans by it),
+    # not only the tools/call ones: initialize, lists, notifications, the event stream.
+    ident.span.set_attribute(SESSION_ID, ident.run_id_hint or session or ident.trace_id)
+    if ident.agent_id:
+        ident.span.set_attribute(USER_ID, ident.agent_id)
     calls = in_flight(request)
     if request.method != "POST":
         ident.span.update_name(f"{request.method} {ident.tool_name}")

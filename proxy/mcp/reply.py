@@ -102,6 +102,8 @@ class McpReply:
                     tee(call, event.data.encode(), keep)
                     found = call.delivered = True
                     self._settle(call, message)
+                    if call.on_answer is not None:  # the record is complete: settle now
+                        call.on_answer()
             await agent.write(chunk)
         if not found:
             # The stream ended without the call's response: it may have run.
