@@ -151,9 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(approvals)
 
     replay = commands.add_parser(
-        "replay", help="re-decide or re-issue a recorded run (not available yet)"
+        "replay",
+        help="re-decide recorded runs against other policies (exit 1 if a decision changes), "
+        "or re-issue them through a proxy",
     )
-    replay.add_argument("--run", required=True, metavar="ID", help="the recorded run")
+    replay.add_argument(
+        "--run", action="append", default=[], metavar="ID", help="a recorded run (repeatable)"
+    )
+    replay.add_argument(
+        "--runs-since",
+        metavar="TIME",
+        help="every call recorded since TIME (ISO time or 10m/2h/1d), grouped by run",
+    )
+    replay.add_argument(
+        "--from",
+        dest="source",
+        choices=("journal", "phoenix"),
+        default="journal",
+        help="where the runs are read (default: the local journal)",
+    )
+    replay.add_argument(
+        "--replay-id", metavar="ID", help="--execute: salts the fresh keys (same id: runs once)"
+    )
     _config_arg(replay)
     replay.add_argument(
         "--policies", type=Path, metavar="DIR", help="candidate policies to decide with"
@@ -299,13 +318,23 @@ def dispatch(args: argparse.Namespace) -> int:
             out=sys.stdout,
             err=sys.stderr,
         )
-    # replay: the contract names it; it arrives with run replay. Until then, say so plainly.
-    print(
-        f"handrail: '{args.command}' is not available in this version "
-        "(the journal keeps what replay will need)",
-        file=sys.stderr,
+    from proxy.replay.commands import ReplayArgs, replay_command
+
+    return replay_command(
+        _load(args.config, read_only=True),
+        ReplayArgs(
+            runs=list(args.run),
+            runs_since=args.runs_since,
+            policies=args.policies,
+            as_json=args.as_json,
+            execute=args.execute,
+            against=args.against,
+            source=args.source,
+            replay_id=args.replay_id,
+        ),
+        out=sys.stdout,
+        err=sys.stderr,
     )
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
