@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,3 +175,19 @@ def make_admin(
         return await aiohttp_client(build_admin_app(proxy.server.app))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Phoenix for the whole session (it takes ~10 s to start): each test writes
+    to a project of its own."""
+    from tests.phoenix_server import phoenix_installed, running_phoenix
+
+    os.environ.setdefault("PHOENIX_TEST_TRACKING", "false")
+    if not phoenix_installed():
+        message = "arize-phoenix is not installed (pip install 'handrail[phoenix]')"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_phoenix(tmp_path_factory.mktemp("phoenix")) as url:
+        yield url

@@ -13,7 +13,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from proxy.tracing import tracer_provider_from_config
 from proxy.tracing.commands import calls_command, traces_command
 from proxy.tracing.phoenix import PhoenixClient, PhoenixSpan
 from tests.conftest import TEST_POLICY, Seen, free_port, tool_app
-from tests.phoenix_server import IN_CI, phoenix_installed, running_phoenix
 
 pytestmark = pytest.mark.phoenix
 
@@ -44,17 +42,6 @@ AGENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 AGENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"
 PASSWORD = "hunter2-do-not-leak"
-
-
-@pytest.fixture(scope="session")
-def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not phoenix_installed():
-        message = "arize-phoenix is not installed (pip install 'handrail[phoenix]')"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    with running_phoenix(tmp_path_factory.mktemp("phoenix")) as url:
-        yield url
 
 
 @dataclass

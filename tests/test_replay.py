@@ -12,10 +12,9 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ from proxy.replay.source import RecordedRun, UnknownRun, journal_runs
 from proxy.tracing import tracer_provider_from_config
 from tests.conftest import ProxyFactory, free_port
 from tests.mcp_server import start_mcp_server
-from tests.phoenix_server import IN_CI, phoenix_installed, running_phoenix
 
 RECORDED_POLICY = """package handrail
 
@@ -551,18 +549,6 @@ async def test_mcp_calls_are_re_decided_and_re_issued_as_tools_call(
 
 
 # -- read back from Phoenix -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    os.environ.setdefault("PHOENIX_TEST_TRACKING", "false")
-    if not phoenix_installed():
-        message = "arize-phoenix is not installed (pip install 'handrail[phoenix]')"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    with running_phoenix(tmp_path_factory.mktemp("phoenix")) as url:
-        yield url
 
 
 @pytest.mark.phoenix
