@@ -1,20 +1,21 @@
-"""Per-decision cost of the embedded policy engine on the shipped policies.
+"""Per-decision cost of the embedded policy engine (regorus) on the shipped policies.
 
     python bench/policy_bench.py              # 3000 decisions per case
     python bench/policy_bench.py -n 500       # quicker
     python bench/policy_bench.py --policies DIR
 
-For three representative inputs (an HTTP POST with a JSON body, an MCP tools/call, a deny)
-it prints median and p99 microseconds, single-threaded, for: converting the input document
-to a rego-cpp input (``conversion``: Handrail's converter and regopy's own), running the
-compiled bundle on an input already set (``query``), and the whole ``evaluate`` call the
-engine makes per decision (``total``). ``total (regopy path)`` is the way the engine used
-to evaluate: a fresh interpreter per call and regopy's ``set_input``.
+For representative inputs (an HTTP POST with a JSON body, an MCP tools/call, a deny, a POST
+with a 200-field body, and one tool answer for the ``result`` rule) it prints median and p99
+microseconds, single-threaded, for: encoding the input document as JSON (``encode``, paid by
+the proxy), what a worker process does per call (``worker``: the JSON handed to regorus,
+the rule evaluated, its JSON answer taken as is), and the whole ``evaluate`` call of the
+thread isolation (``total``: encode, evaluate, parse the answer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -25,10 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from regopy import rego_shared as rs  # noqa: E402
-
-from proxy.policy import query, regoinput  # noqa: E402
-from proxy.policy.bundle import compile_policy, new_interpreter  # noqa: E402
+from proxy.policy import query  # noqa: E402
+from proxy.policy.bundle import compile_policy  # noqa: E402
 
 HEADERS = {
     "host": "127.0.0.1:8080",
@@ -95,12 +94,31 @@ DENY: dict[str, Any] = {
     },
 }
 
-CASES = {"http_post": HTTP_POST, "mcp_call": MCP_CALL, "deny": DENY}
+BIG_BODY: dict[str, Any] = {
+    **HTTP_POST,
+    "request": {
+        **HTTP_POST["request"],
+        "body": {f"field_{i}": {"n": i, "s": f"value {i}"} for i in range(200)},
+    },
+}
 
+ANSWER: dict[str, Any] = {
+    **HTTP_POST,
+    "request": {**HTTP_POST["request"], "method": "GET", "body": None},
+    "response": {
+        "status": 200,
+        "headers": {"content-type": "application/json"},
+        "body": {"contacts": [{"id": i, "name": f"Ada {i}"} for i in range(10)], "total": 10},
+    },
+}
 
-def _converters() -> dict[str, Callable[[Any], Any]]:
-    """name -> function building a rego-cpp input (the caller frees it)."""
-    return {"handrail": regoinput.new_input, "regopy": rs.rego_input_from_value}
+CASES = {
+    "http_post": ("decision", HTTP_POST),
+    "mcp_call": ("decision", MCP_CALL),
+    "deny": ("decision", DENY),
+    "body_200_fields": ("decision", BIG_BODY),
+    "answer_10_rows": ("result", ANSWER),
+}
 
 
 def _time(fn: Callable[[], Any], n: int) -> list[float]:
@@ -121,27 +139,12 @@ def _summary(samples: list[float]) -> str:
     return f"median {statistics.median(ordered):7.1f} us   p99 {p99:7.1f} us"
 
 
-def _query_fn(bundle: Any, entrypoint: str, document: Any) -> Callable[[], Any]:
-    """Run the bundle on an input set once (what the query costs without conversion)."""
-    interpreter = new_interpreter()
-    regoinput.set_input(interpreter._impl, document)
+def _worker_fn(compiled: Any, rule: str, document: Any) -> Callable[[], Any]:
+    """What a worker process does per call, from the JSON it is sent to the JSON it answers."""
+    text = json.dumps(document, separators=(",", ":"))
 
     def run() -> Any:
-        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
-        rs.rego_free_output(output)
-        return interpreter
-
-    return run
-
-
-def _regopy_path(bundle: Any, entrypoint: str, document: Any) -> Callable[[], Any]:
-    """The engine's old per-call path: a fresh interpreter, regopy's input conversion."""
-
-    def run() -> Any:
-        interpreter = new_interpreter()
-        interpreter.set_input(document)
-        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
-        return query.read_output(interpreter, output)
+        return query.evaluate_json(compiled, rule, text)
 
     return run
 
@@ -151,29 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=3000, help="decisions per case")
     parser.add_argument("--policies", type=Path, default=ROOT / "policies")
     args = parser.parse_args(argv)
-    compiled = compile_policy(args.policies, "handrail/decision")
-    bundle, entrypoint = compiled.bundle, compiled.decision
+    compiled, engine = compile_policy(args.policies, "handrail/decision")
+    query.adopt(compiled, engine)
     print(f"policy {args.policies} revision {compiled.revision}; {args.n} decisions per case")
-    for name, document in CASES.items():
-        defined, value = query.evaluate(bundle, entrypoint, document)
+    for name, (kind, document) in CASES.items():
+        rule = compiled.decision if kind == "decision" else compiled.result
+        assert rule is not None
+        defined, value = query.evaluate(compiled, rule, document)
         allow = value.get("allow") if defined and isinstance(value, dict) else None
         reasons = value.get("reasons") if defined and isinstance(value, dict) else None
-        print(f"\n{name}: allow={allow} reasons={reasons}")
-        for label, convert in _converters().items():
+        print(f"\n{name} ({kind}): allow={allow} reasons={reasons}")
 
-            def conversion(convert: Callable[[Any], Any] = convert, doc: Any = document) -> None:
-                rs.rego_free_input(convert(doc))
+        def encode(doc: Any = document) -> Any:
+            return json.dumps(doc, separators=(",", ":"))
 
-            print(f"  conversion ({label:8s})   {_summary(_time(conversion, args.n))}")
-        run_query = _query_fn(bundle, entrypoint, document)
-        print(f"  query                   {_summary(_time(run_query, args.n))}")
+        print(f"  encode                  {_summary(_time(encode, args.n))}")
+        print(
+            f"  worker                  {_summary(_time(_worker_fn(compiled, rule, document), args.n))}"
+        )
 
-        def total(doc: Any = document) -> Any:
-            return query.evaluate(bundle, entrypoint, doc)
+        def total(doc: Any = document, rule: str = rule) -> Any:
+            return query.evaluate(compiled, rule, doc)
 
         print(f"  total (evaluate)        {_summary(_time(total, args.n))}")
-        before = _regopy_path(bundle, entrypoint, document)
-        print(f"  total (regopy path)     {_summary(_time(before, args.n))}")
     return 0
 
 

@@ -91,7 +91,8 @@ answer_blocks contains "the answer carries a payment card number; it was withhel
 	_answer_suspect
 	_answer_holds(_card_screen)
 	some value in _answer_strings
-	some run in regex.find_n(`[0-9]([ -]?[0-9])*`, value, -1)
+	some run in regex.find_n(`[A-Za-z]?[0-9]([ -]?[0-9])*[A-Za-z]?`, value, -1)
+	not regex.match(`^[A-Za-z]|[A-Za-z]$`, run) # digits inside a word (a hex id, a key) are not a card
 	_card_number(regex.replace(run, `[^0-9]`, ""))
 }
 

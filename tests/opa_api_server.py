@@ -7,9 +7,10 @@ undefined, like OPA), ``GET /v1/policies`` lists the served modules with their `
 source (as OPA does, minus the AST) and ``GET /health`` answers 200. Any data path can be
 asked: the decision, ``visible`` or ``result``.
 
-It evaluates the same policy files with regopy, or, with ``backend="opa"``, with OPA's own Go
-evaluator (``opa_bindings``, pip ``opa-golib-python-bindings``, when installed): then the
-``opa`` engine is tested against real OPA semantics. ``mode`` lets a test make it
+It evaluates the same policy files with OPA's own Go evaluator (``opa_bindings``, pip
+``opa-golib-python-bindings``) when that is installed, so the ``opa`` engine is tested against
+real OPA semantics; without it (or with ``backend="embedded"``) with the embedded engine's
+evaluator (regorus). ``mode`` lets a test make it
 misbehave: ``slow``, ``garbage`` (not JSON), ``no_result``, ``wrong_shape``, ``error`` (500),
 ``no_policies`` (``GET /v1/policies`` answers 403, as an OPA with authorization would).
 """
@@ -17,6 +18,7 @@ misbehave: ``slow``, ``garbage`` (not JSON), ``no_result``, ``wrong_shape``, ``e
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,22 +27,30 @@ from typing import Any, Literal
 from aiohttp import web
 
 from proxy.errors import PolicyUnavailable
-from proxy.policy.embedded import evaluate, load_interpreter, read_policy_files
+from proxy.policy.bundle import compile_files, rule_path
+from proxy.policy.embedded import evaluate, read_policy_files
+from proxy.policy.query import adopt
+from proxy.policy.refs import defines_rule
 
 MODE = web.AppKey("mode", dict)
 
-Backend = Literal["regopy", "opa"]
+Backend = Literal["embedded", "opa"]
+HAVE_OPA = importlib.util.find_spec("opa_bindings") is not None
+DEFAULT_BACKEND: Backend = "opa" if HAVE_OPA else "embedded"
 _Evaluate = Callable[[str, Any], tuple[bool, Any]]
 """``(data path, input) -> (defined, value)``; raises ``PolicyUnavailable`` on failure."""
 
 
-def _regopy(root: Path) -> _Evaluate:
-    bundles: dict[str, Any] = {}
+def _embedded(root: Path) -> _Evaluate:
+    files = read_policy_files(root)
+    compiled, engine = compile_files(root, files, "handrail/decision")
+    adopt(compiled, engine)  # evaluated on this (the loop's) thread
 
     def run(path: str, document: Any) -> tuple[bool, Any]:
-        if path not in bundles:
-            bundles[path] = load_interpreter(read_policy_files(root)).build(None, [path])
-        return evaluate(bundles[path], path, document)
+        package, _, rule = path.rpartition("/")
+        if not defines_rule(files.modules.values(), package.replace("/", "."), rule):
+            return False, None  # OPA: an undefined document, not an error
+        return evaluate(compiled, rule_path(package, rule), document)
 
     return run
 
@@ -66,7 +76,7 @@ def _opa(root: Path) -> _Evaluate:
 
 
 def build_opa_app(
-    policy_path: Path, slow_s: float = 2.0, backend: Backend = "regopy"
+    policy_path: Path, slow_s: float = 2.0, backend: Backend = DEFAULT_BACKEND
 ) -> web.Application:
     app = web.Application()
     state: dict[str, Any] = {"mode": "ok", "requests": 0, "paths": []}
@@ -75,7 +85,7 @@ def build_opa_app(
 
     def evaluator() -> _Evaluate:
         if "run" not in engine:
-            engine["run"] = _opa(policy_path) if backend == "opa" else _regopy(policy_path)
+            engine["run"] = _opa(policy_path) if backend == "opa" else _embedded(policy_path)
         return engine["run"]
 
     async def data(request: web.Request) -> web.StreamResponse:

@@ -1,34 +1,32 @@
 """Both policy engines on the shipped policies, and how each fails closed.
 
 The ``opa`` engine talks to tests/opa_api_server.py, which stands in for the OPA binary
-(the package registries do not carry it) and evaluates the same files with regopy.
+(the package registries do not carry it) and evaluates the same files with real OPA
+(``opa_bindings``) when installed, else with the embedded evaluator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import shutil
-from collections import OrderedDict
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from regopy import rego_shared as rs
 
 from proxy.config import PolicyConfig
 from proxy.errors import ConfigError, PolicyUnavailable
-from proxy.policy import engine_from_config, regoinput
+from proxy.policy import engine_from_config
 from proxy.policy.base import PolicyEngine
-from proxy.policy.bundle import compile_policy, new_interpreter
+from proxy.policy.bundle import compile_policy
 from proxy.policy.embedded import EmbeddedEngine, Isolation
 from proxy.policy.opa_rest import OpaEngine
-from proxy.policy.query import evaluate, first_query_value, read_output, thread_interpreter
+from proxy.policy.query import adopt, evaluate, thread_engine
 from tests.conftest import free_port
 from tests.opa_api_server import MODE, build_opa_app
 
@@ -515,120 +513,98 @@ async def test_shipped_policies_copy_serves_the_demo_decisions(
     assert denied.allow is False and denied.reasons
 
 
-async def test_with_in_a_served_module_is_refused_not_a_crash(
+async def test_with_in_a_served_module_is_evaluated_as_opa_does(
     tmp_path: Path, isolation: Isolation
 ) -> None:
-    source = ALLOW_ALL + '\nx := count(input.l)\n\ny := x with input as {"l": [1]}\n'
+    source = (
+        "package handrail\n\nimport rego.v1\n\n"
+        "_x := count(input.l)\n\n"
+        '_y := r if {\n\tr := _x with input as {"l": [1, 2]}\n}\n\n'
+        'decision := {"allow": _y == 2, "reasons": [], "require_approval": false}\n'
+    )
     engine = EmbeddedEngine(
         policy_path(tmp_path, source), "handrail/decision", isolation=isolation, watch=False
     )
-    with pytest.raises(ConfigError, match=r"handrail\.rego:9: 'with \.\.\. as' is not supported"):
+    await engine.start()
+    try:
+        assert (await engine.decide(doc())).allow is True
+    finally:
+        await engine.close()
+
+
+async def test_an_import_of_a_package_split_across_modules_is_refused(
+    tmp_path: Path, isolation: Isolation
+) -> None:
+    path = policy_path(tmp_path, ALLOW_ALL)
+    (path / "lib_a.rego").write_text("package lib\n\nimport rego.v1\n\nx := 1\n")
+    (path / "lib_b.rego").write_text("package lib\n\nimport rego.v1\n\ny := count(z)\n\nz := [1]\n")
+    (path / "uses.rego").write_text(
+        "package uses\n\nimport rego.v1\n\nimport data.lib\n\nw := lib.y\n"
+    )
+    engine = EmbeddedEngine(path, "handrail/decision", isolation=isolation, watch=False)
+    with pytest.raises(
+        ConfigError, match=r"uses\.rego:5: 'import data\.lib': package lib is split"
+    ):
         await engine.start()
 
 
-# --- the embedded engine's input conversion and per-thread interpreters -----------------
+# --- the embedded engine's evaluation on each thread ------------------------------------
 
 
-class Level(IntEnum):
-    HIGH = 3
-
-
-ODD_VALUES: list[Any] = [
-    True,
-    False,
-    0,
-    -(2**63),
-    2**63 - 1,
-    1.5,
-    None,
-    "",
-    'quote " backslash \\ newline \n tab \t',
-    "ünïcødé ✓",
-    [1, [2, [3, {"a": None}]]],
-    (1, "two"),
-    {"nested": {"list": [True, 1.25, "x"], "empty": {}, "none": None}},
-    {1: "int key", "s": "str key"},
-    OrderedDict([("b", 1), ("a", 2)]),
-    Level.HIGH,
-    frozenset({"only"}),
-]
-
-
-def _input_as_seen(set_input: Callable[[Any, Any], None], value: Any) -> Any:
-    interpreter = new_interpreter()
-    set_input(interpreter, value)
-    return first_query_value(interpreter, "input")
-
-
-@pytest.mark.parametrize("value", ODD_VALUES, ids=[repr(v)[:24] for v in ODD_VALUES])
-def test_fast_input_is_what_regopy_builds(value: Any) -> None:
-    ours = _input_as_seen(lambda i, v: regoinput.set_input(i._impl, v), value)
-    theirs = _input_as_seen(lambda i, v: i.set_input(v), value)
-    assert ours == theirs
-
-
-@pytest.mark.parametrize("document", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_fast_input_of_each_case_is_what_regopy_builds(document: dict[str, Any]) -> None:
-    ours = _input_as_seen(lambda i, v: regoinput.set_input(i._impl, v), document)
-    theirs = _input_as_seen(lambda i, v: i.set_input(v), document)
-    assert ours == theirs == (True, document)
-
-
-def test_int_beyond_64_bits_is_not_wrapped_around() -> None:
-    assert _input_as_seen(lambda i, v: regoinput.set_input(i._impl, v), 2**64 + 50) == (
-        True,
-        float(2**64 + 50),
+def test_int_beyond_64_bits_is_not_wrapped_around(tmp_path: Path) -> None:
+    source = (
+        "package handrail\n\nimport rego.v1\n\n"
+        'decision := {"allow": input.amount <= 100, "reasons": [], "require_approval": false}\n'
     )
+    compiled, _ = compile_policy(policy_path(tmp_path, source), "handrail/decision")
+    for amount, allowed in ((50, True), (2**64 + 50, False), (2**63 + 50, False), (-(2**64), True)):
+        assert evaluate(compiled, compiled.decision, {"amount": amount})[1]["allow"] is allowed
 
 
 def test_unconvertible_input_fails_closed() -> None:
-    compiled = compile_policy(SHIPPED, "handrail/decision")
-    with pytest.raises(PolicyUnavailable, match="Cannot convert object"):
-        evaluate(compiled.bundle, compiled.decision, doc(request={"body": {"x": object()}}))
-    assert evaluate(compiled.bundle, compiled.decision, doc())[1]["allow"] is True
+    compiled, _ = compile_policy(SHIPPED, "handrail/decision")
+    with pytest.raises(PolicyUnavailable, match="not JSON"):
+        evaluate(compiled, compiled.decision, doc(request={"body": {"x": object()}}))
+    with pytest.raises(PolicyUnavailable, match="policy evaluation failed"):
+        evaluate(compiled, compiled.decision, doc(request={"body": {"x": float("nan")}}))
+    assert evaluate(compiled, compiled.decision, doc())[1]["allow"] is True
 
 
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def test_each_thread_builds_its_engine_once_per_policy() -> None:
+    compiled, engine = compile_policy(SHIPPED, "handrail/decision")
+    adopt(compiled, engine)
+    assert thread_engine(compiled) is engine
+    seen: list[bool] = []
+
+    def other_thread() -> None:
+        evaluate(compiled, compiled.decision, doc())  # never the main thread's engine
+        own = thread_engine(compiled)
+        seen.extend([own is thread_engine(compiled), own is not engine])
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == [True, True]
+    reloaded, _ = compile_policy(SHIPPED, "handrail/decision")
+    assert thread_engine(reloaded) is not engine
 
 
-def test_input_conversion_does_not_leak() -> None:
-    document = doc(request={"body": {"contact": {"name": "Ada", "tags": ["a", "b"]}}})
-    broken = {"ok": [1, 2, 3], "bad": object()}
-    for _ in range(2000):
-        regoinput.free_input(regoinput.new_input(document))
-    before = _rss_bytes()
-    for i in range(100_000):
-        if i % 10 == 0:
-            with pytest.raises(ValueError):
-                regoinput.new_input(broken)
-        else:
-            regoinput.free_input(regoinput.new_input(document))
-    # Not freeing leaks ~2 GB over these 100k inputs; allocator noise stays in megabytes.
-    assert _rss_bytes() - before < 64 * 2**20
+def test_failed_evaluation_replaces_the_thread_engine(tmp_path: Path) -> None:
+    source = (
+        "package handrail\n\nimport rego.v1\n\n"
+        "_n := 1 if input.a\n\n_n := 2 if input.a\n\n"  # conflicting values when input.a
+        'decision := {"allow": true, "reasons": [], "require_approval": _n == 0} if input\n'
+    )
+    compiled, engine = compile_policy(policy_path(tmp_path, source), "handrail/decision")
+    adopt(compiled, engine)
+    with pytest.raises(PolicyUnavailable, match=r"handrail\.rego:\d+:\d+: "):
+        evaluate(compiled, compiled.decision, {"a": True})
+    assert thread_engine(compiled) is not engine
+    assert evaluate(compiled, compiled.decision, {"a": False}) == (False, None)
 
 
-def test_reused_interpreter_decides_like_a_fresh_one() -> None:
-    compiled = compile_policy(SHIPPED, "handrail/decision")
-
-    def fresh(document: dict[str, Any]) -> tuple[bool, Any]:
-        interpreter = new_interpreter()
-        interpreter.set_input(document)
-        output = rs.rego_bundle_query_entrypoint(
-            interpreter._impl, compiled.bundle._impl, compiled.decision
-        )
-        return read_output(interpreter, output)
-
-    documents = [c[1] for c in CASES] * 3
-    reused = [evaluate(compiled.bundle, compiled.decision, d) for d in documents]
-    assert reused == [fresh(d) for d in documents]
-    assert thread_interpreter() is thread_interpreter()
-
-
-def test_failed_evaluation_replaces_the_thread_interpreter() -> None:
-    compiled = compile_policy(SHIPPED, "handrail/decision")
-    before = thread_interpreter()
-    with pytest.raises(PolicyUnavailable):
-        evaluate(compiled.bundle, compiled.decision, {"bad": object()})
-    assert thread_interpreter() is not before
-    assert evaluate(compiled.bundle, compiled.decision, doc())[1]["allow"] is True
+def test_rego_errors_are_one_line_without_the_rust_backtrace(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        compile_policy(policy_path(tmp_path, BROKEN), "handrail/decision")
+    assert "\n" not in caught.value.message
+    assert "backtrace" not in caught.value.message.lower()

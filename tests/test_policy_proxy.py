@@ -1,7 +1,8 @@
 """Policy decisions seen through the real HTTP proxy, on both engines.
 
 The ``opa`` engine talks to tests/opa_api_server.py, which stands in for the OPA binary
-(the package registries do not carry it) and evaluates the shipped policies with regopy.
+(the package registries do not carry it) and evaluates the shipped policies with real OPA
+(``opa_bindings``) when installed, else with the embedded evaluator.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ async def test_admin_reload_serves_a_changed_policy(
         "package handrail\n\nimport rego.v1\n\n"
         'decision := {"allow": false, "reasons": ["closed"], "require_approval": false}\n'
     )
+    (shipped / "result.rego").unlink()  # it reads settings the new handrail.rego dropped
     admin = await make_admin(proxy)
     reloaded = await admin.post("/policies/reload")
     assert reloaded.status == 200

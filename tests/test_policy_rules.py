@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import Config, PolicyConfig
 from proxy.policy.commands import policy_eval, policy_test
-from proxy.policy.testing import lift_inputs, run_policy_tests
+from proxy.policy.testing import input_expressions, run_policy_tests
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 
@@ -50,15 +50,26 @@ def test_wrong_expectation_is_reported_as_fail(policies: Path) -> None:
     assert "undefined" in result.message
 
 
-def test_with_data_is_a_failure_not_a_pass(policies: Path) -> None:
+def test_with_data_overrides_the_data_as_on_opa(policies: Path) -> None:
     (policies / "extra_test.rego").write_text(
         "package extra_test\n\nimport rego.v1\n\n"
-        "test_data_override if {\n\tdata.handrail.visible with data.handrail_settings as {}\n}\n"
+        "test_data_override if {\n"
+        "\tdata.handrail._write_budget == 0"
+        ' with data.handrail_settings as {"default_agent": {"write_budget": 0}}'
+        ' with input as {"agent": {"id": "x"}}\n}\n'
     )
     results = {r.name: r for r in run_policy_tests(policies, "handrail/decision")}
-    result = results["data.extra_test.test_data_override"]
+    assert results["data.extra_test.test_data_override"].passed is True
+
+
+def test_an_error_in_a_test_is_a_failure_naming_the_line(policies: Path) -> None:
+    (policies / "extra_test.rego").write_text(
+        'package extra_test\n\nimport rego.v1\n\ntest_bad_regex if {\n\tregex.match("[", "a")\n}\n'
+    )
+    results = {r.name: r for r in run_policy_tests(policies, "handrail/decision")}
+    result = results["data.extra_test.test_bad_regex"]
     assert result.passed is False
-    assert "with data.handrail_settings as" in result.message
+    assert "extra_test.rego:6:" in result.message
 
 
 def test_undefined_decision_is_flagged(tmp_path: Path) -> None:
@@ -78,16 +89,17 @@ def test_undefined_decision_is_flagged(tmp_path: Path) -> None:
     assert "test_nothing" in check.message
 
 
-def test_lift_inputs_removes_only_with_input() -> None:
+def test_input_expressions_are_found_per_test() -> None:
     source = (
         "package t\n\ntest_a if {\n"
         '\tx := data.p.d with input as object.union(_base, {"a": [1, "}"]})\n'
         "\tx.allow # with input as ignored\n}\n"
+        'test_b if {\n\tdata.p.d with data.q as 1 with input as {"with input as": 2}\n}\n'
     )
-    rewritten, inputs, problems = lift_inputs(source)
-    assert "with input" not in rewritten.split("#")[0]
-    assert inputs == {"test_a": {'object.union(_base, {"a": [1, "}"]})'}}
-    assert problems == {}
+    assert input_expressions(source) == {
+        "test_a": {'object.union(_base, {"a": [1, "}"]})'},
+        "test_b": {'{"with input as": 2}'},
+    }
 
 
 def test_policy_test_command_prints_one_line_per_test(policies: Path) -> None:

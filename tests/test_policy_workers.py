@@ -22,7 +22,7 @@ from proxy.policy.embedded import EmbeddedEngine
 from tests.conftest import ProxyFactory, Seen
 from tests.test_policy_engines import ALLOW_ALL, BROKEN, CASES, DENY_ALL, SHIPPED, doc, mcp
 
-# Agent "slow" makes the decision take seconds (about 4 s of rego-cpp work): a hung worker.
+# Agent "slow" makes the decision take seconds (about 4 s of regorus work): a hung worker.
 SLOW = """package handrail
 
 import rego.v1
@@ -31,7 +31,7 @@ default _slow := false
 
 _slow if input.agent.id == "slow"
 
-_n := count([x | some x in numbers.range(1, 1000000); x % 7 == 0]) if _slow
+_n := count([1 | some x in numbers.range(1, 4000); some y in numbers.range(1, 2000); x % 7 == y % 5]) if _slow
 
 else := 0
 

@@ -1,8 +1,11 @@
-"""Reading and compiling the policy files for the embedded engine (regopy, rego-cpp).
+"""Reading and compiling the policy files for the embedded engine (regorus).
 
 The ``.rego`` modules (minus ``*_test.rego``) and data ``.json`` files under the policy path
-are compiled once into a bundle, read like ``opa run DIR``; a ``ConfigError`` names the file
-and line of what is wrong.
+are read like ``opa run DIR`` and compiled once per load into a ``regorus.Engine``; each
+evaluation then only replaces the engine's input. A ``ConfigError`` names the file and line
+of what is wrong. An engine may only be used on the thread that built it (regorus panics
+otherwise), so ``compile_files`` checks the files and ``proxy.policy.query`` builds and
+keeps one engine per thread.
 """
 
 from __future__ import annotations
@@ -10,41 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regopy
-from regopy import rego_shared as rs
+import regorus  # type: ignore[import-untyped]  # no stubs or py.typed
 
 from proxy.errors import ConfigError
-from proxy.policy.refs import defines_rule
+from proxy.policy.refs import defines_rule, split_package_imports
 
-_ERROR_HEAD = re.compile(r"\(error (\d+):")
-_ERROR_AT = re.compile(r"\|(\d+)\|(\d+)")
-_ERROR_MSG = re.compile(r"\(errormsg (\d+):")
-_WITH_KEYWORD = re.compile(r"\bwith\s+[A-Za-z_][A-Za-z0-9_.\[\]\"]*\s+as\b")
-
-
-def new_interpreter() -> Any:
-    interpreter = regopy.Interpreter()
-    interpreter.log_level = regopy.LogLevel.NONE  # errors reach us, not stdout
-    return interpreter
-
-
-def _prepare(bundle: Any) -> None:
-    """Make rego-cpp turn the built AST into its runnable bundle now, on this thread.
-
-    It does so lazily on a bundle's first query, unguarded: two worker threads making the
-    first queries at once would race on it. Asking for an entrypoint that does not exist
-    does the conversion and nothing else.
-    """
-    interpreter = new_interpreter()
-    output = rs.rego.regoBundleQueryEntrypoint(
-        interpreter._impl, bundle._impl, b"__handrail_prepare__/none"
-    )
-    if output:
-        rs.rego_free_output(output)
+_LOCATION = re.compile(r"^\s*-->\s*(\S+)\s*$", re.MULTILINE)
+_MESSAGE = re.compile(r"^error:\s*(.+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +37,14 @@ class PolicyFiles:
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
-    bundle: Any = field(repr=False)
+    """Files that compiled, and the rules to ask (``data.<package>.<rule>``)."""
+
+    files: PolicyFiles
     decision: str
     visible: str | None
-    """``{package}/visible`` when the package defines it (else every tool is visible)."""
+    """``data.{package}.visible`` when the package defines it (else every tool is visible)."""
     result: str | None
-    """``{package}/result`` when the package defines it (else answers are not checked)."""
+    """``data.{package}.result`` when the package defines it (else answers are not checked)."""
     revision: str
     modules: int
 
@@ -139,112 +120,108 @@ def read_policy_files(root: Path, with_tests: bool = False) -> PolicyFiles:
     return PolicyFiles(modules=modules, data=data, revision=digest.hexdigest()[:12])
 
 
-def describe_rego_error(text: str, sources: dict[str, str]) -> str:
-    """Turn regopy's error S-expression into ``file:line:col: message`` lines."""
-    found: list[str] = []
-    for head in _ERROR_HEAD.finditer(text):
-        start = head.end()
-        name = text[start : start + int(head.group(1))]
-        rest = text[start + int(head.group(1)) :]
-        message_match = _ERROR_MSG.search(rest)
-        message = (
-            rest[message_match.end() : message_match.end() + int(message_match.group(1))]
-            if message_match
-            else "error"
-        )
-        where = name
-        at = _ERROR_AT.match(rest)
-        if at and name in sources:
-            encoded = sources[name].encode("utf-8")
-            offset = int(at.group(1))
-            line = encoded.count(b"\n", 0, offset) + 1
-            column = offset - (encoded.rfind(b"\n", 0, offset) + 1) + 1
-            where = f"{name}:{line}:{column}"
-        found.append(f"{where}: {message}" if where else message)
-    if not found:
-        first = text.strip().splitlines()[0] if text.strip() else "unknown error"
-        return first
-    return "; ".join(found)
+def describe_rego_error(text: str) -> str:
+    """regorus's error as one line: ``file:line:col: message``, without the Rust backtrace."""
+    text = text.split("Stack backtrace:", 1)[0]
+    message = _MESSAGE.search(text)
+    where = _LOCATION.search(text)
+    if message and where:
+        return f"{where.group(1)}: {message.group(1).strip()}"
+    if message:
+        return message.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def is_engine_failure(exc: BaseException) -> bool:
+    """An error from regorus: an ``Exception``, or pyo3's ``PanicException`` (a Rust panic,
+    which derives from ``BaseException``); never an interrupt or a cancellation."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _defines(modules: dict[str, str], package: str, rule: str) -> bool:
-    """Whether a module of ``package`` has a rule head named ``rule`` (regopy cannot tell)."""
+    """Whether a served module of ``package`` has a rule head named ``rule`` (asking
+    regorus for a rule it does not have is an error, not an undefined value)."""
     served = (source for name, source in modules.items() if not is_test_module(Path(name)))
     return defines_rule(served, package, rule)
 
 
-def _refuse_with(modules: dict[str, str]) -> None:
-    """regopy aborts the whole process compiling ``with`` over rules calling builtins."""
-    for name, source in modules.items():
-        for number, line in enumerate(source.splitlines(), 1):
-            if _WITH_KEYWORD.search(line.split("#", 1)[0]):
-                raise ConfigError(
-                    f"{name}:{number}: 'with ... as' is not supported in served policies by the "
-                    "embedded engine (regopy); keep it in *_test.rego files"
-                )
+def new_engine(files: PolicyFiles) -> Any:
+    """A ``regorus.Engine`` holding every module and the data, checked as a whole (unsafe
+    variables, conflicting rule kinds...): raises ``ConfigError`` naming the file and line.
+    Use it only on the thread that called this."""
+    problems = split_package_imports(files.modules)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    engine = regorus.Engine()
+    try:
+        for name, source in files.modules.items():
+            engine.add_policy(name, source)
+        if files.data:
+            engine.add_data_json(json.dumps(files.data))
+        # regorus analyses the modules on the first query, not when they are added.
+        engine.eval_query("true")
+    except BaseException as exc:
+        if not is_engine_failure(exc):
+            raise
+        message = describe_rego_error(str(exc))
+    else:
+        return engine
+    # Raised out here, where no traceback keeps the engine alive to be dropped elsewhere.
+    del engine
+    raise ConfigError(message)
 
 
-def load_interpreter(files: PolicyFiles) -> Any:
-    """An interpreter holding every module and the data: raises ConfigError on a bad module."""
-    interpreter = new_interpreter()
-    for name, source in files.modules.items():
-        try:
-            interpreter.add_module(name, source)
-        except regopy.RegoError as exc:
-            raise ConfigError(describe_rego_error(str(exc), files.modules)) from None
-    if files.data:
-        try:
-            interpreter.add_data_json(json.dumps(files.data))
-        except regopy.RegoError as exc:
-            raise ConfigError(f"policy data: {describe_rego_error(str(exc), {})}") from None
-    return interpreter
+def rule_path(package: str, rule: str) -> str:
+    """``handrail``/``handrail/x`` and ``decision`` -> ``data.handrail.decision``."""
+    return f"data.{package.replace('/', '.')}.{rule}"
 
 
 def served_visible(root: Path, files: PolicyFiles, entrypoint: str) -> str | None:
-    """Check the files can be served (pure Python, no rego-cpp) and find the ``visible`` rule.
+    """Check the decision rule exists (pure Python) and find the ``visible`` rule.
 
-    Raises ``ConfigError`` when the decision rule is missing or a module uses ``with``
-    (compiling that aborts rego-cpp); returns ``{package}/visible`` when it is defined.
+    Raises ``ConfigError`` when the decision rule is missing; returns its package's
+    ``visible`` rule path when it is defined.
     """
-    package, _, rule = entrypoint.rpartition("/")
+    package, _, rule = entrypoint.strip("/").rpartition("/")
     dotted = package.replace("/", ".")
     if not _defines(files.modules, dotted, rule):
         raise ConfigError(f"{root}: no rule {rule!r} in package {dotted or '(none)'}")
-    visible = f"{package}/visible" if _defines(files.modules, dotted, "visible") else None
-    _refuse_with(files.modules)
-    return visible
+    return rule_path(package, "visible") if _defines(files.modules, dotted, "visible") else None
 
 
 def served_result(files: PolicyFiles, entrypoint: str) -> str | None:
-    """``{package}/result`` when the decision's package defines a ``result`` rule."""
-    package = entrypoint.rpartition("/")[0]
+    """The ``result`` rule path when the decision's package defines a ``result`` rule."""
+    package = entrypoint.strip("/").rpartition("/")[0]
     defined = _defines(files.modules, package.replace("/", "."), "result")
-    return f"{package}/result" if defined else None
+    return rule_path(package, "result") if defined else None
 
 
-def compile_files(root: Path, files: PolicyFiles, entrypoint: str) -> CompiledPolicy:
-    """Compile files already read; ``ConfigError`` names the file and line."""
+def compile_files(root: Path, files: PolicyFiles, entrypoint: str) -> tuple[CompiledPolicy, Any]:
+    """Compile files already read: the policy and its engine (for this thread only);
+    ``ConfigError`` names the file and line."""
     visible = served_visible(root, files, entrypoint)
     result = served_result(files, entrypoint)
-    interpreter = load_interpreter(files)
-    entrypoints = [e for e in (entrypoint, visible, result) if e is not None]
-    try:
-        bundle = interpreter.build(None, entrypoints)
-    except regopy.RegoError as exc:
-        raise ConfigError(describe_rego_error(str(exc), files.modules)) from None
-    if not bundle.ok():
-        raise ConfigError(f"{root}: the policy did not compile")
-    _prepare(bundle)
-    return CompiledPolicy(
-        bundle=bundle,
-        decision=entrypoint,
+    engine = new_engine(files)
+    package, _, rule = entrypoint.strip("/").rpartition("/")
+    compiled = CompiledPolicy(
+        files=files,
+        decision=rule_path(package, rule),
         visible=visible,
         result=result,
         revision=files.revision,
         modules=len(files.modules),
     )
+    return compiled, engine
 
 
-def compile_policy(root: Path, entrypoint: str) -> CompiledPolicy:
+def check_files(root: Path, files: PolicyFiles, entrypoint: str) -> CompiledPolicy:
+    """``compile_files`` keeping only the policy: the engine is dropped on this thread,
+    the only one allowed to drop it (pyo3 leaks an engine dropped elsewhere)."""
+    compiled, _ = compile_files(root, files, entrypoint)
+    return compiled
+
+
+def compile_policy(root: Path, entrypoint: str) -> tuple[CompiledPolicy, Any]:
     """Read and compile the served files; ``ConfigError`` names the file and line."""
     return compile_files(root, read_policy_files(root), entrypoint)

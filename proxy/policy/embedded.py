@@ -1,13 +1,15 @@
-"""The embedded engine: the policy files compiled with regopy (rego-cpp).
+"""The embedded engine: the policy files compiled with regorus (Microsoft's Rust Rego
+interpreter), which evaluates Rego as OPA does.
 
-With ``isolation="process"`` (the default) rego-cpp runs only in worker processes
+With ``isolation="process"`` (the default) regorus runs only in worker processes
 (``proxy.policy.pool``, ``proxy.policy.worker``): a crash in it cannot take the proxy down,
-and evaluation never contends for the proxy's GIL. With ``isolation="thread"`` the bundle
-runs in-process on a dedicated thread pool (regopy releases the GIL), one interpreter per
-thread (``proxy.policy.query``). Either way each decision is bounded by a timeout, a policy
-that stops compiling on reload leaves the last good one serving, and every failure is
-fail-closed. The ``result`` rule (checks of a tool's answer) runs the same way, but never
-through the decision cache: an answer is new every time.
+and evaluation never holds the proxy's GIL (regorus keeps the GIL while it evaluates). With
+``isolation="thread"`` the policy runs in-process on a dedicated thread pool, one engine per
+thread, built on it (``proxy.policy.query``): cheaper per call, but an evaluation blocks the
+event loop while it runs, so a slow one is refused when it ends, not cut off at the timeout.
+Either way no answer is used after the timeout, a policy that stops compiling on reload
+leaves the last good one serving, and every failure is fail-closed. The ``result`` rule
+(checks of a tool's answer) runs the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -27,11 +30,10 @@ from proxy.policy.base import EngineStatus
 from proxy.policy.bundle import (
     CompiledPolicy,
     PolicyFiles,
-    compile_files,
+    check_files,
     compile_policy,
     describe_rego_error,
     is_test_module,
-    load_interpreter,
     policy_paths,
     read_policy_files,
     served_result,
@@ -45,7 +47,7 @@ from proxy.policy.decision import (
     visible_from_value,
 )
 from proxy.policy.pool import WorkerPool
-from proxy.policy.query import evaluate, first_query_value, node_value
+from proxy.policy.query import evaluate
 from proxy.policy.refs import (
     OPTIONAL_REQUEST_FIELDS,
     impure_builtins,
@@ -61,10 +63,7 @@ __all__ = [
     "compile_policy",
     "describe_rego_error",
     "evaluate",
-    "first_query_value",
     "is_test_module",
-    "load_interpreter",
-    "node_value",
     "policy_paths",
     "read_policy_files",
 ]
@@ -160,8 +159,10 @@ class _Threads:
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="handrail-rego")
 
     async def load(self, root: Path, files: PolicyFiles, entrypoint: str) -> None:
+        """Compile once to check the files; each pool thread then builds its own engine
+        on its first call (an engine cannot move between threads)."""
         loop = asyncio.get_running_loop()
-        self.compiled = await loop.run_in_executor(None, compile_files, root, files, entrypoint)
+        self.compiled = await loop.run_in_executor(None, check_files, root, files, entrypoint)
 
     async def evaluate(
         self, rule: str, document: dict[str, Any], encoded: bytes | None = None
@@ -173,7 +174,10 @@ class _Threads:
         if entrypoint is None:
             return False, None
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(executor, evaluate, compiled.bundle, entrypoint, document)
+        deadline = time.monotonic() + self.timeout_s
+        future = loop.run_in_executor(
+            executor, _evaluate_by, deadline, compiled, entrypoint, document
+        )
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
@@ -192,6 +196,18 @@ class _Threads:
             self.executor = None
 
 
+def _evaluate_by(
+    deadline: float, compiled: CompiledPolicy, rule: str, document: dict[str, Any]
+) -> tuple[bool, Any]:
+    """``evaluate``, refusing an answer that came after ``deadline``. regorus keeps the GIL
+    while it evaluates, so the loop's own timeout cannot fire before a slow evaluation
+    ends, and then the answer would win the race: it must fail closed instead."""
+    answer = evaluate(compiled, rule, document)
+    if time.monotonic() > deadline:
+        raise TimeoutError
+    return answer
+
+
 def _entrypoint(compiled: CompiledPolicy, rule: str) -> str | None:
     if rule == "decision":
         return compiled.decision
@@ -203,7 +219,7 @@ def _entrypoint(compiled: CompiledPolicy, rule: str) -> str | None:
 
 
 def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
-    """Read and check the files in pure Python (no rego-cpp): ConfigError names the file."""
+    """Read and check the files in pure Python (no regorus): ConfigError names the file."""
     files = read_policy_files(root)
     visible = served_visible(root, files, entrypoint)
     served = [text for name, text in files.modules.items() if not is_test_module(Path(name))]
@@ -220,7 +236,7 @@ def _read(root: Path, entrypoint: str) -> tuple[PolicyFiles, _Served]:
 
 
 class EmbeddedEngine:
-    """Rego on rego-cpp: ``decide`` costs tens of microseconds plus a hop to a worker."""
+    """Rego on regorus: ``decide`` costs a few hundred microseconds plus a hop to a worker."""
 
     name = "embedded"
 

@@ -5,7 +5,7 @@ goes to the worker with the fewest in flight. Per call the parent pays one ``jso
 its share of one pipe write (the frames queued in one turn of the loop go out together, so
 a busy proxy wakes each worker once per turn, not once per call) and of one read callback
 (a ``SubprocessProtocol``, no stream coroutines): evaluation never holds the proxy's GIL,
-and a crash in rego-cpp ends a worker, not the proxy. A worker that dies or overruns a
+and a crash in regorus ends a worker, not the proxy. A worker that dies or overruns a
 call's deadline fails the call it was evaluating with ``PolicyUnavailable`` (fail closed)
 and is restarted with backoff; the calls queued behind that one are tried once on another
 worker, so one slow or crashing evaluation does not fail its bystanders.

@@ -1,181 +1,79 @@
-"""Running a compiled bundle on one input document, and reading the result as Python.
+"""Asking a compiled policy one rule for one input document, on this thread's engine.
 
-Each worker thread keeps one interpreter and replaces its input on every call (rego-cpp
-copies the input in; the bundle holds the policy), so a decision pays for neither a new
-interpreter nor regopy's per-node input wrappers. After any failure the thread's
-interpreter is dropped and the next call starts on a fresh one.
+A ``regorus.Engine`` must stay on the thread that built it, so each thread keeps one for
+the policy it last served: built once per policy load (``adopt`` hands over the one the
+compile built), then every evaluation only replaces its input. The input goes in as JSON
+and the value comes back as JSON, sets sorted as OPA sorts them; no value is converted node
+by node in Python. After any failure the thread's engine is dropped and the next call
+builds a fresh one.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import threading
 from typing import Any
 
-from regopy import NodeKind
-from regopy import rego_shared as rs
-
 from proxy.errors import PolicyUnavailable
-from proxy.policy.bundle import describe_rego_error, new_interpreter
-from proxy.policy.regoinput import set_input
+from proxy.policy.bundle import CompiledPolicy, describe_rego_error, is_engine_failure, new_engine
+
+_UNDEFINED = '"<undefined>"'
+"""What ``eval_rule_as_json`` answers for an undefined rule, and for the string
+``"<undefined>"``: ``eval_rule`` (``None`` only when undefined) tells them apart."""
 
 _local = threading.local()
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _bind(name: str, restype: Any, *argtypes: Any) -> Any:
-    function = getattr(_lib, name)
-    function.restype = restype
-    function.argtypes = list(argtypes)
-    return function
+def adopt(compiled: CompiledPolicy, engine: Any) -> None:
+    """Serve ``compiled`` on this thread with ``engine``, built on this thread."""
+    _local.policy, _local.engine = compiled, engine
 
 
-# PyDLL: reading a result node is a tiny call, so it keeps the GIL (see regoinput.py).
-_lib = ctypes.PyDLL(rs.rego._name)
-_node_type = _bind("regoNodeType", ctypes.c_uint32, ctypes.c_void_p)
-_node_size = _bind("regoNodeSize", ctypes.c_uint32, ctypes.c_void_p)
-_node_get = _bind("regoNodeGet", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32)
-_value_size = _bind("regoNodeValueSize", ctypes.c_uint32, ctypes.c_void_p)
-_BUFFER = ctypes.POINTER(ctypes.c_char)
-_value = _bind("regoNodeValue", ctypes.c_uint32, ctypes.c_void_p, _BUFFER, ctypes.c_uint32)
-_WRAPPERS = (NodeKind.Term.value, NodeKind.Scalar.value)
+def drop() -> None:
+    """Forget this thread's engine (the next evaluation builds a fresh one)."""
+    _local.policy = _local.engine = None
 
 
-def _text(node: int) -> str:
-    size = _value_size(node)
-    buffer = ctypes.create_string_buffer(size)
-    if _value(node, buffer, size) != 0:
-        raise ValueError("rego-cpp could not read a result value")
-    return buffer.value.decode("utf-8")
+def thread_engine(compiled: CompiledPolicy) -> Any:
+    """This thread's engine for ``compiled`` (built on first use after a load)."""
+    if getattr(_local, "policy", None) is not compiled:
+        drop()
+        engine = new_engine(compiled.files)
+        adopt(compiled, engine)
+    return _local.engine
 
 
-def node_value(node: Any) -> Any:
-    """A regopy result node as a Python value.
-
-    Not ``Output``'s JSON: regopy does not escape quotes or backslashes in the strings it
-    prints, so a reason quoting the input would not parse. Nodes hold the raw strings.
-    A set comes out sorted, as OPA sorts it.
-    """
-    kind = _node_type(node)
-    while kind in _WRAPPERS:
-        node = _node_get(node, 0)
-        kind = _node_type(node)
-    if kind == NodeKind.String:
-        return _string(_text(node))
-    if kind == NodeKind.True_:
-        return True
-    if kind == NodeKind.False_:
-        return False
-    if kind == NodeKind.Int:
-        return int(_text(node))
-    if kind == NodeKind.Float:
-        return float(_text(node))
-    if kind == NodeKind.Null:
+def rule_json(engine: Any, rule: str) -> str | None:
+    """``rule``'s value on ``engine`` as JSON text, or ``None`` when it is undefined."""
+    value: str = engine.eval_rule_as_json(rule)
+    if value == _UNDEFINED and engine.eval_rule(rule) is None:
         return None
-    if kind == NodeKind.Array:
-        return [node_value(_node_get(node, i)) for i in range(_node_size(node))]
-    if kind == NodeKind.Set:
-        # OPA hands a set out sorted; rego-cpp in the order it was built. Sort it, so that
-        # a set of reasons or paths comes out the same on both engines.
-        members = [node_value(_node_get(node, i)) for i in range(_node_size(node))]
-        return sorted(members, key=_opa_order) if len(members) > 1 else members
-    if kind == NodeKind.Object:
-        items: dict[Any, Any] = {}
-        for i in range(_node_size(node)):
-            item = _node_get(node, i)
-            key = node_value(_node_get(item, 0))
-            items[key if isinstance(key, str) else json.dumps(key)] = node_value(_node_get(item, 1))
-        return items
-    raise ValueError(f"unexpected result node {rs.rego_node_type_name(node)}")
+    return value
 
 
-def _opa_order(value: Any) -> tuple[Any, ...]:
-    """OPA's order of values: null, booleans, numbers, strings (by code point, which is
-    UTF-8 byte order), arrays, then objects (by their sorted items)."""
-    if value is None:
-        return (0,)
-    if isinstance(value, bool):
-        return (1, value)
-    if isinstance(value, (int, float)):
-        return (2, value)
-    if isinstance(value, str):
-        return (3, value)
-    if isinstance(value, list):
-        return (4, tuple(_opa_order(item) for item in value))
-    items = sorted((_opa_order(k), _opa_order(v)) for k, v in value.items())
-    return (5, tuple(items))
-
-
-def _string(raw: str) -> str:
-    """regopy hands some strings (e.g. ``concat``'s) back still JSON-quoted."""
-    if len(raw) >= 2 and raw[0] == '"' and raw[-1] == '"':
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            return raw
-        if isinstance(decoded, str):
-            return decoded
-    return raw
-
-
-def _first_value(output: Any) -> tuple[bool, Any]:
-    root = rs.rego_output_node(output)
-    if rs.rego_node_type(root) != NodeKind.Results or rs.rego_node_size(root) == 0:
-        return False, None
-    result = rs.rego_node_get(root, 0)
-    for i in range(rs.rego_node_size(result)):
-        terms = rs.rego_node_get(result, i)
-        if rs.rego_node_type(terms) == NodeKind.Terms:
-            if rs.rego_node_size(terms) == 0:
-                return False, None
-            return True, node_value(rs.rego_node_get(terms, 0))
-    return False, None
-
-
-def read_output(interpreter: Any, output: Any) -> tuple[bool, Any]:
+def evaluate_json(compiled: CompiledPolicy, rule: str, document: str) -> str | None:
+    """``rule``'s value as JSON text for the input ``document`` (JSON text), or ``None``
+    when it is undefined; every failure is a ``PolicyUnavailable`` (fail closed)."""
     try:
-        # A failed output kills the process when printed: check ok() before anything else.
-        if not rs.rego_output_ok(output):
-            error = rs.rego_get_error(interpreter._impl)
-            raise PolicyUnavailable(f"policy evaluation failed: {describe_rego_error(error, {})}")
-        return _first_value(output)
-    except PolicyUnavailable:
-        raise
-    except Exception as exc:
-        raise PolicyUnavailable(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        rs.rego_free_output(output)
+        engine = thread_engine(compiled)
+        engine.set_input_json(document)
+        return rule_json(engine, rule)
+    except BaseException as exc:
+        if not is_engine_failure(exc):
+            raise
+        message = getattr(exc, "message", None) or describe_rego_error(str(exc))
+    # Out here, no traceback keeps an engine alive (to be dropped on another thread).
+    engine = None
+    drop()
+    raise PolicyUnavailable(f"policy evaluation failed: {message}")
 
 
-def first_query_value(interpreter: Any, query: str) -> tuple[bool, Any]:
-    """Run an ad-hoc query (re-parses the modules: for tests and tools, not per call)."""
+def evaluate(compiled: CompiledPolicy, rule: str, document: Any) -> tuple[bool, Any]:
+    """``(defined, value)`` of ``rule`` for the Python ``document``; failures raise 503."""
     try:
-        output = rs.rego_query(interpreter._impl, query)
-    except Exception as exc:
-        error = describe_rego_error(str(exc), {})
-        raise PolicyUnavailable(f"policy evaluation failed: {error}") from None
-    return read_output(interpreter, output)
-
-
-def thread_interpreter() -> Any:
-    """This thread's interpreter (created on first use)."""
-    interpreter = getattr(_local, "interpreter", None)
-    if interpreter is None:
-        interpreter = _local.interpreter = new_interpreter()
-    return interpreter
-
-
-def evaluate(bundle: Any, entrypoint: str, document: Any) -> tuple[bool, Any]:
-    """``(defined, value)`` of ``entrypoint`` for ``document``; failures raise 503."""
-    interpreter = thread_interpreter()
-    try:
-        set_input(interpreter._impl, document)
-        output = rs.rego_bundle_query_entrypoint(interpreter._impl, bundle._impl, entrypoint)
-    except Exception as exc:
-        _local.interpreter = None
-        raise PolicyUnavailable(f"policy evaluation failed: {type(exc).__name__}: {exc}") from None
-    try:
-        return read_output(interpreter, output)
-    except PolicyUnavailable:
-        _local.interpreter = None
-        raise
+        text = _encode(document)
+    except (TypeError, ValueError) as exc:
+        raise PolicyUnavailable(f"policy input is not JSON: {exc}") from None
+    value = evaluate_json(compiled, rule, text)
+    return (False, None) if value is None else (True, json.loads(value))

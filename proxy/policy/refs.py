@@ -129,3 +129,37 @@ def optional_fields_of(paths: tuple[tuple[str, ...], ...] | None) -> frozenset[s
     if named is None:
         return OPTIONAL_REQUEST_FIELDS
     return OPTIONAL_REQUEST_FIELDS & named
+
+
+_IMPORT = re.compile(r"^import\s+data\.([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
+
+
+def split_package_imports(modules: dict[str, str]) -> list[str]:
+    """``import data.X`` lines that regorus cannot be trusted with, as ``file: message``.
+
+    When package X (or one under it) is split across modules, regorus 0.13 answers
+    *undefined* for some of its rules reached through the import's name (``X.rule``; some
+    rules of a module after the first refer to later rules of that module), where OPA
+    answers their value: a ``not X.rule`` would then hold. ``data.X.rule`` written in
+    full is evaluated right, so such an import is refused, not served.
+    """
+    counts: dict[str, int] = {}
+    for source in modules.values():
+        package = package_of(source)
+        if package is not None:
+            counts[package] = counts.get(package, 0) + 1
+    split = [package for package, count in counts.items() if count > 1]
+    problems: list[str] = []
+    for name, source in modules.items():
+        for match in _IMPORT.finditer(source):
+            imported = match.group(1)
+            hit = [p for p in split if p == imported or p.startswith(imported + ".")]
+            if hit:
+                line = source.count("\n", 0, match.start()) + 1
+                problems.append(
+                    f"{name}:{line}: 'import data.{imported}': package {hit[0]} is split "
+                    f"across {counts[hit[0]]} modules, and the embedded engine (regorus) can "
+                    f"get its rules wrong through an import; write data.{imported}.<rule> in "
+                    "full, or keep the package in one module"
+                )
+    return problems

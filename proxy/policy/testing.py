@@ -1,40 +1,35 @@
-"""Run the ``*_test.rego`` files on the embedded engine, as ``opa test`` would.
+"""Run the ``*_test.rego`` files on the embedded engine, as ``opa test`` does.
 
-Each ``test_*`` rule is one test; it passes when it is defined and true. regopy fails any
-rule evaluated under ``with input as ...`` that calls a builtin, so the runner feeds the
-input another way: it lifts each test's ``with input as EXPR`` out of the module, evaluates
-EXPR on its own, and evaluates the test with that document as the input. Real OPA runs the
-same files unchanged. An internal error is a failure, never a pass; a test using another
-kind of ``with`` (``with data...``) is reported as a failure saying so. The tests, their
-inputs and the decision are compiled once into one bundle, so a run costs one compile, not
-one per query.
+Each ``test_*`` rule is one test; it passes when it is defined and true, and an error is a
+failure, never a pass. regorus runs the test modules as written (``with`` included) with
+OPA's semantics, and sets no input, as ``opa test`` does. One check goes beyond
+``opa test``: the decision must be defined for every ``with input as EXPR`` of a test. Each
+EXPR is added to its module as a rule of its own, in a second engine, evaluated there, and
+the decision asked with that document as the input.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regopy
-from regopy import rego_shared as rs
-
-from proxy.errors import ConfigError, PolicyUnavailable
-from proxy.policy.bundle import new_interpreter
-from proxy.policy.embedded import (
+from proxy.errors import ConfigError
+from proxy.policy.bundle import (
     PolicyFiles,
     describe_rego_error,
-    first_query_value,
+    is_engine_failure,
     is_test_module,
-    load_interpreter,
+    new_engine,
     read_policy_files,
+    rule_path,
 )
-from proxy.policy.query import read_output
-from proxy.policy.regoinput import set_input
+from proxy.policy.query import rule_json
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_WITH = re.compile(r"with\s+([A-Za-z_][A-Za-z0-9_.\[\]\"]*)\s+as\s+")
+_WITH_INPUT = re.compile(r"with\s+input\s+as\s+")
 _RULE_HEAD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 _TEST_HEAD = re.compile(r"^(test_[A-Za-z0-9_]*)\b", re.MULTILINE)
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
@@ -51,10 +46,14 @@ class TestResult:
 
 @dataclass(slots=True)
 class _Test:
+    module: str
     package: str
     rule: str
     inputs: set[str]
-    problems: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"data.{self.package}.{self.rule}"
 
 
 def _skip_string(text: str, i: int) -> int:
@@ -122,12 +121,11 @@ def _rule_at(text: str, offset: int) -> str | None:
     return rule
 
 
-def lift_inputs(source: str) -> tuple[str, dict[str, set[str]], dict[str, list[str]]]:
-    """Remove ``with input as EXPR``; per rule, the EXPR texts and any unsupported ``with``."""
-    out: list[str] = []
+def input_expressions(source: str) -> dict[str, set[str]]:
+    """Per rule, the ``EXPR`` texts of its ``with input as EXPR`` (strings and comments
+    skipped)."""
     inputs: dict[str, set[str]] = {}
-    problems: dict[str, list[str]] = {}
-    i = start = 0
+    i = 0
     while i < len(source):
         char = source[i]
         if char in '"`':
@@ -138,166 +136,106 @@ def lift_inputs(source: str) -> tuple[str, dict[str, set[str]], dict[str, list[s
             i = len(source) if end < 0 else end
             continue
         boundary = i == 0 or not (source[i - 1].isalnum() or source[i - 1] == "_")
-        match = _WITH.match(source, i) if boundary and char == "w" else None
+        match = _WITH_INPUT.match(source, i) if boundary and char == "w" else None
         if match is None:
             i += 1
             continue
-        rule = _rule_at(source, i) or "?"
         end = _term_end(source, match.end())
-        target = match.group(1)
-        if target == "input":
-            inputs.setdefault(rule, set()).add(source[match.end() : end].strip())
-            out.append(source[start:i].rstrip(" \t"))
-            start = end
-        else:
-            problems.setdefault(rule, []).append(
-                f"'with {target} as ...' is not supported by the embedded test runner "
-                "(regopy); only 'with input as ...' is"
-            )
+        inputs.setdefault(_rule_at(source, i) or "?", set()).add(source[match.end() : end].strip())
         i = end
-    out.append(source[start:])
-    return "".join(out), inputs, problems
+    return inputs
 
 
-def _prepare(files: PolicyFiles) -> tuple[PolicyFiles, list[_Test], dict[tuple[str, str], str]]:
-    """The files with test modules rewritten, the tests, and the synthetic input rules."""
-    modules: dict[str, str] = {}
+def _tests(files: PolicyFiles) -> list[_Test]:
     tests: list[_Test] = []
-    input_rules: dict[tuple[str, str], str] = {}
     for name, source in files.modules.items():
         if not is_test_module(Path(name)):
-            modules[name] = source
             continue
         declared = _PACKAGE.search(source)
         package = declared.group(1) if declared else ""
-        rewritten, inputs, problems = lift_inputs(source)
-        extra: list[str] = []
-        for expressions in inputs.values():
-            for expression in sorted(expressions):
-                if (package, expression) not in input_rules:
-                    rule = f"{_INPUT_RULE}{len(input_rules)}"
-                    input_rules[(package, expression)] = rule
-                    extra.append(f"\n{rule} := {expression}\n")
-        modules[name] = rewritten + "".join(extra)
+        inputs = input_expressions(source)
         seen: set[str] = set()
         for head in _TEST_HEAD.finditer(source):
             rule = head.group(1)
-            if rule in seen:
-                continue
-            seen.add(rule)
-            tests.append(_Test(package, rule, inputs.get(rule, set()), problems.get(rule, [])))
-    return PolicyFiles(modules, files.data, files.revision), tests, input_rules
+            if rule not in seen:
+                seen.add(rule)
+                tests.append(_Test(name, package, rule, inputs.get(rule, set())))
+    return tests
 
 
-class _Queries:
-    """Every query a run needs, compiled once into one bundle: each then costs a fraction of
-    a millisecond instead of a parse of every module. Each query gets a fresh interpreter,
-    so no test sees another's input."""
-
-    def __init__(self, interpreter: Any, queries: list[str]) -> None:
-        self.bundle = interpreter.build(None, [_entrypoint(q) for q in queries])
-        if not self.bundle.ok():
-            raise ConfigError("the policy and its tests did not compile into one bundle")
-
-    def ask(self, query: str, document: Any = None, with_input: bool = False) -> tuple[bool, Any]:
-        interpreter = new_interpreter()
-        try:
-            if with_input:
-                set_input(interpreter._impl, document)
-            output = rs.rego_bundle_query_entrypoint(
-                interpreter._impl, self.bundle._impl, _entrypoint(query)
-            )
-        except Exception as exc:
-            raise PolicyUnavailable(f"policy evaluation failed: {exc}") from None
-        return read_output(interpreter, output)
-
-
-def _entrypoint(query: str) -> str:
-    return query.removeprefix("data.").replace(".", "/")
-
-
-def _bundled(
-    interpreter: Any,
-    tests: list[_Test],
-    input_rules: dict[tuple[str, str], str],
-    decision_query: str,
-) -> _Queries | None:
-    """The run's queries in one bundle, or ``None`` (then each is asked the slow way, as a
-    query that parses the modules again): never with a test that uses another kind of
-    ``with``, which rego-cpp can abort on when building."""
-    if any(test.problems for test in tests):
-        return None
-    queries = [decision_query]
-    queries += [f"data.{package}.{rule}" for (package, _), rule in input_rules.items()]
-    queries += [f"data.{test.package}.{test.rule}" for test in tests]
+def _ask(engine: Any, rule: str) -> tuple[bool, Any]:
+    """``(defined, value)``; raises ``ConfigError`` with regorus's one-line message."""
     try:
-        return _Queries(interpreter, list(dict.fromkeys(queries)))
-    except (regopy.RegoError, ConfigError):
-        return None
+        value = rule_json(engine, rule)
+    except BaseException as exc:
+        if not is_engine_failure(exc):
+            raise
+        raise ConfigError(describe_rego_error(str(exc))) from None
+    return (False, None) if value is None else (True, json.loads(value))
+
+
+def _run(files: PolicyFiles, tests: list[_Test]) -> list[TestResult]:
+    engine = new_engine(files)  # compile errors surface here, naming the file
+    results: list[TestResult] = []
+    for test in tests:
+        try:
+            defined, value = _ask(engine, test.name)
+        except ConfigError as exc:
+            results.append(TestResult(test.name, False, exc.message))
+            engine = new_engine(files)  # nothing of a failed evaluation is kept
+            continue
+        if not defined:
+            results.append(
+                TestResult(test.name, False, "undefined (a condition in the test failed)")
+            )
+        elif value is not True:
+            results.append(TestResult(test.name, False, f"evaluated to {value!r}, not true"))
+        else:
+            results.append(TestResult(test.name, True))
+    return results
+
+
+def _decision_check(files: PolicyFiles, tests: list[_Test], decision: str) -> TestResult:
+    """Whether ``decision`` is defined for the input of every test that sets one."""
+    check = f"{decision} is defined for every test input"
+    modules = dict(files.modules)
+    rules: dict[tuple[str, str], str] = {}
+    for test in tests:
+        for expression in sorted(test.inputs):
+            if (test.module, expression) not in rules:
+                rule = f"{_INPUT_RULE}{len(rules)}"
+                rules[(test.module, expression)] = f"data.{test.package}.{rule}"
+                modules[test.module] += f"\n\n{rule} := {expression}\n"
+    undefined_for: list[str] = []
+    try:
+        engine = new_engine(PolicyFiles(modules, files.data, files.revision))
+        documents = {key: _ask(engine, rule) for key, rule in rules.items()}
+        for test in tests:
+            for expression in test.inputs:
+                defined, document = documents[(test.module, expression)]
+                if defined:
+                    engine.set_input_json(json.dumps(document))
+                    defined, _ = _ask(engine, decision)
+                if not defined:
+                    undefined_for.append(test.rule)
+    except ConfigError as exc:
+        return TestResult(check, False, f"a test's input cannot be evaluated: {exc.message}")
+    if undefined_for:
+        why = "undefined for the input of " + ", ".join(sorted(set(undefined_for)))
+        return TestResult(check, False, why)
+    return TestResult(check, True)
 
 
 def run_policy_tests(root: Path, entrypoint: str) -> list[TestResult]:
     """Every ``test_*`` rule under ``root``; a policy that does not compile raises ConfigError."""
-    files, tests, input_rules = _prepare(read_policy_files(root, with_tests=True))
-    inputs = load_interpreter(files)  # compile errors surface here, naming the file
-    results: list[TestResult] = []
-    decision_query = "data." + entrypoint.strip("/").replace("/", ".")
-    undefined_for: list[str] = []
-    bundled = _bundled(inputs, tests, input_rules, decision_query)
-    for test in tests:
-        name = f"data.{test.package}.{test.rule}"
-        if test.problems:
-            results.append(TestResult(name, False, test.problems[0]))
-            continue
-        if len(test.inputs) > 1:
-            results.append(
-                TestResult(name, False, "uses more than one input document; split the test")
-            )
-            continue
-        document: Any = None
-        try:
-            if test.inputs:
-                rule = f"data.{test.package}.{input_rules[(test.package, next(iter(test.inputs)))]}"
-                if bundled is not None:
-                    defined, document = bundled.ask(rule)
-                else:
-                    defined, document = first_query_value(inputs, rule)
-                if not defined:
-                    results.append(TestResult(name, False, "its input expression is undefined"))
-                    continue
-            if bundled is not None:
-                with_input = document is not None
-                defined, value = bundled.ask(name, document, with_input)
-                if with_input:
-                    decided, _ = bundled.ask(decision_query, document, with_input)
-                    if not decided:
-                        undefined_for.append(test.rule)
-            else:
-                interpreter = load_interpreter(files)
-                if document is not None:
-                    interpreter.set_input(document)
-                defined, value = first_query_value(interpreter, name)
-                if document is not None:
-                    decided, _ = first_query_value(interpreter, decision_query)
-                    if not decided:
-                        undefined_for.append(test.rule)
-        except (PolicyUnavailable, ConfigError) as exc:
-            results.append(TestResult(name, False, exc.message))
-            continue
-        if not defined:
-            results.append(TestResult(name, False, "undefined (a condition in the test failed)"))
-        elif value is not True:
-            results.append(TestResult(name, False, f"evaluated to {value!r}, not true"))
-        else:
-            results.append(TestResult(name, True))
-    if any(test.inputs for test in tests):
-        check = f"{decision_query} is defined for every test input"
-        if undefined_for:
-            why = "undefined for the input of " + ", ".join(sorted(set(undefined_for)))
-            results.append(TestResult(check, False, why))
-        else:
-            results.append(TestResult(check, True))
+    files = read_policy_files(root, with_tests=True)
+    tests = _tests(files)
+    results = _run(files, tests)
+    with_input = [test for test in tests if test.inputs]
+    if with_input:
+        package, _, rule = entrypoint.strip("/").rpartition("/")
+        results.append(_decision_check(files, with_input, rule_path(package, rule)))
     return results
 
 
-__all__ = ["TestResult", "describe_rego_error", "lift_inputs", "run_policy_tests"]
+__all__ = ["TestResult", "describe_rego_error", "input_expressions", "run_policy_tests"]

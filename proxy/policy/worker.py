@@ -1,4 +1,4 @@
-"""A policy worker process: rego-cpp runs here, never in the proxy's own process.
+"""A policy worker process: regorus runs here, never in the proxy's own process.
 
 ``python -m proxy.policy.worker`` reads request frames on stdin and answers each with one
 frame on stdout, in order (requests are pipelined: many may be in flight). A frame is a
@@ -7,12 +7,14 @@ frame on stdout, in order (requests are pipelined: many may be in flight). A fra
 - ``LOAD``: the policy files as JSON (``load_message``); the worker compiles them and switches
   to them only if they compile (``LOADED`` with the policy's summary, else ``LOAD_FAILED``
   with the ``file:line`` message: the old policy stays).
-- ``DECISION`` / ``VISIBLE`` / ``RESULT``: the input document as JSON; the answer is
-  ``DEFINED`` with the value as JSON, ``UNDEFINED`` (also when the policy has no such
-  rule), or ``FAILED`` with a message (fail closed).
+- ``DECISION`` / ``VISIBLE`` / ``RESULT``: the input document as JSON, handed to regorus as
+  it came; the answer is ``DEFINED`` with the value as regorus's JSON, ``UNDEFINED`` (also
+  when the policy has no such rule), or ``FAILED`` with a message (fail closed).
 
-EOF on stdin ends the worker. Anything rego-cpp prints lands on stderr, which the parent
-logs: the protocol has its own copy of the original stdout.
+One thread does all the work: the engine is built and used on it (regorus requires that).
+EOF on stdin ends the worker. Anything native code prints (a Rust panic's message, Rego
+``print``) lands on stderr, which the parent logs: the protocol has its own copy of the
+original stdout.
 """
 
 from __future__ import annotations
@@ -27,16 +29,13 @@ from typing import Any
 
 from proxy.errors import ConfigError, PolicyUnavailable
 from proxy.policy.bundle import PolicyFiles, compile_files
-from proxy.policy.query import evaluate
+from proxy.policy.query import adopt, evaluate_json
 
 HEADER = struct.Struct("!IIB")
 """Body length, request id, op (requests) or status (responses)."""
 
 DECISION, VISIBLE, LOAD, RESULT = 1, 2, 3, 4
 DEFINED, UNDEFINED, FAILED, LOADED, LOAD_FAILED = 0, 1, 2, 3, 4
-
-
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def frame(ident: int, code: int, body: bytes) -> bytes:
@@ -81,10 +80,10 @@ class _Worker:
         if entrypoint is None:
             return frame(ident, UNDEFINED, b"")
         try:
-            defined, value = evaluate(compiled.bundle, entrypoint, json.loads(body.decode()))
-            if not defined:
+            value = evaluate_json(compiled, entrypoint, body.decode())
+            if value is None:
                 return frame(ident, UNDEFINED, b"")
-            return frame(ident, DEFINED, _encode(value).encode())
+            return frame(ident, DEFINED, value.encode())
         except PolicyUnavailable as exc:
             return frame(ident, FAILED, exc.message.encode())
         except Exception as exc:  # a bad request must not end the worker
@@ -96,11 +95,12 @@ class _Worker:
             files = PolicyFiles(
                 modules=message["modules"], data=message["data"], revision=message["revision"]
             )
-            compiled = compile_files(Path(message["root"]), files, message["entrypoint"])
+            compiled, engine = compile_files(Path(message["root"]), files, message["entrypoint"])
         except ConfigError as exc:
             return frame(ident, LOAD_FAILED, exc.message.encode())
         except Exception as exc:
             return frame(ident, LOAD_FAILED, f"policy load failed: {exc!r}".encode())
+        adopt(compiled, engine)
         self.compiled = compiled
         summary = {"revision": compiled.revision, "modules": compiled.modules}
         return frame(ident, LOADED, json.dumps(summary).encode())
@@ -136,7 +136,7 @@ def main() -> int:
     # Ctrl-C reaches the whole process group: the parent decides when workers stop (EOF).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out_fd = os.dup(1)
-    os.dup2(2, 1)  # regopy prints some errors to stdout: keep them out of the protocol
+    os.dup2(2, 1)  # whatever native code prints stays out of the protocol
     sys.stdout = sys.stderr
     return serve(0, out_fd)
 
