@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -189,6 +190,12 @@ async def decide(call: Call, deps: Deps) -> None:
         call.decision = decision
         deps.journal.begin(call)
         span.set_attribute("handrail.decision", decision.kind.value)
+        # The guardrail's verdict as its output: what Phoenix shows in its table's column.
+        span.set_attribute(
+            "output.value",
+            json.dumps({"decision": decision.kind.value, "reasons": list(decision.reasons)}),
+        )
+        span.set_attribute("output.mime_type", "application/json")
         span.set_attribute("handrail.policy.engine", deps.engine.name)
         if decision.decision_id:
             span.set_attribute("handrail.decision.id", decision.decision_id)

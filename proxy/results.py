@@ -92,6 +92,9 @@ async def check(call: Call, deps: Deps) -> None:
                 target.set_attribute("handrail.result.check", outcome)
                 if reasons:
                     target.set_attribute("handrail.result.reasons", reasons)
+        verdict = {"result_check": outcome, "reasons": list(reasons)}
+        span.set_attribute("output.value", json.dumps(verdict))
+        span.set_attribute("output.mime_type", "application/json")
         span.end()
 
 
