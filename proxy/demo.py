@@ -61,6 +61,36 @@ def sample_tool() -> tuple[web.Application, dict[str, int]]:
     return app, ran
 
 
+def _replay_with_a_changed_policy(config: Any, run_id: str, p: Any) -> int:
+    """``handrail replay --run ID --policies CANDIDATE``: the run re-decided against a
+    policy that refuses refunds over 400; the calls whose decision changes."""
+    import io
+    import shutil
+    import tempfile
+
+    from proxy.replay.commands import ReplayArgs, replay_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "policies"
+        shutil.copytree(config.policy.path, candidate, ignore=shutil.ignore_patterns("*_test.rego"))
+        data = json.loads((candidate / "data.json").read_text())
+        for limit in data["handrail_settings"]["limits"].values():
+            limit["amount"]["deny_over"] = 400  # refunds over 400: refused outright
+        (candidate / "data.json").write_text(json.dumps(data))
+        out = io.StringIO()
+        code = replay_command(
+            config,
+            ReplayArgs(runs=[run_id], policies=candidate),
+            out=out,
+            err=out,
+        )
+    p("\n11. What if refunds over 400 were refused? The run, re-decided against that policy")
+    p(f"    (handrail replay --run {run_id} --policies candidate/): exit {code}")
+    for line in out.getvalue().splitlines():
+        p(f"  {line}")
+    return code
+
+
 def _approve_from_cli(config: Any, admin_url: str, approval_id: str) -> int:
     """What ``handrail approvals approve ID`` does, printed as a person would see it."""
     import io
@@ -96,6 +126,21 @@ def _config(tool_url: str, directory: Path) -> dict[str, Any]:
         "approvals": {"wait_s": 0.5},
         "store": {"url": f"sqlite:///{(directory / 'handrail.db').resolve()}"},
         "tracing": {"exporter": "none"},
+    }
+
+
+def _serving_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config the demo leaves behind: the demo's store and journal (``handrail calls``,
+    ``runs``, ``replay`` read them), real ports, and the sample tool of ``examples/`` as the
+    upstream, so ``handrail serve -c`` on it serves once that tool runs."""
+    sample = "http://127.0.0.1:9001"
+    tools = {name: {**tool, "upstream": sample} for name, tool in raw["tools"].items()}
+    return {
+        **raw,
+        "listen": {"port": 8787},
+        "admin": {"port": 8788},
+        "tools": tools,
+        "approvals": {"wait_s": 30},
     }
 
 
@@ -147,7 +192,7 @@ async def _demo(out: TextIO) -> int:
     tool_url = f"http://127.0.0.1:{tool_runner.addresses[0][1]}"
 
     raw = _config(tool_url, DEMO_DIR)
-    _write_config(raw)
+    _write_config(_serving_config(raw))
     config = parse_config(raw, str(DEMO_DIR / "handrail.yaml"))
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -304,7 +349,13 @@ async def _demo(out: TextIO) -> int:
     p(f"\nThe trace of the replayed retry ({replay_trace:032x}):")
     for line in _tree(list(exporter.get_finished_spans()), replay_trace):
         p(line)
+    replayed = await asyncio.to_thread(_replay_with_a_changed_policy, config, run_id, p)
+    ok &= replayed == 1
     p(f"\nSee them again with: handrail calls -c {DEMO_DIR / 'handrail.yaml'} --run {run_id}")
+    p(
+        f"Serve the same config yourself: python examples/sample_tool.py & "
+        f"handrail serve -c {DEMO_DIR / 'handrail.yaml'}"
+    )
     p("\nWhat next:")
     p("  - traces in Phoenix: pip install -e '.[phoenix]' && phoenix serve, then set")
     p("    tracing: {exporter: otlp, endpoint: http://127.0.0.1:6006} and handrail traces --run ID")
