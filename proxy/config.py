@@ -7,6 +7,8 @@ the offending key path or file, which the CLI turns into exit status 2.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -218,6 +220,17 @@ class PinningConfig(_Model):
         return "off" if value is False else value  # YAML 1.1 reads a bare off as false
 
 
+def parse_key(text: str) -> bytes:
+    """``store.encryption_key``: 32 bytes, base64 (``openssl rand -base64 32``)."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("store.encryption_key must be base64 (openssl rand -base64 32)") from None
+    if len(key) != 32:
+        raise ConfigError(f"store.encryption_key must be 32 bytes once decoded, not {len(key)}")
+    return key
+
+
 class StoreConfig(_Model):
     url: str = "sqlite:///.handrail/handrail.db"
     encryption_key: str | None = None
@@ -228,8 +241,6 @@ class StoreConfig(_Model):
     def _key_or_none(cls, value: str | None) -> str | None:
         if not value:
             return None
-        from proxy.store.sealed import parse_key
-
         try:
             parse_key(value)
         except ConfigError as exc:

@@ -16,8 +16,7 @@ from typing import Any
 import asyncpg
 
 from proxy.approvals.model import Approval, State
-from proxy.approvals.sqlite import OPEN
-from proxy.approvals.store import COLUMNS, from_row, to_row
+from proxy.approvals.rows import COLUMNS, OPEN, from_row, to_row
 from proxy.errors import StoreUnavailable
 from proxy.migrations import Migrations, migrate_postgres
 

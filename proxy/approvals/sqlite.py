@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.approvals.model import Approval, State
-from proxy.approvals.store import COLUMNS, from_row, to_row
+from proxy.approvals.rows import COLUMNS, OPEN, from_row, to_row
 from proxy.errors import StoreUnavailable
 from proxy.migrations import Migrations, migrate_sqlite
 
 T = TypeVar("T")
 
 COMPONENT = "approvals"
-OPEN = "state IN ('pending', 'approved')"
 MIGRATIONS: Migrations = (
     (
         1,

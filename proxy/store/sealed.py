@@ -9,7 +9,6 @@ store itself never sees the plaintext; a replica without the key cannot replay i
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 from functools import lru_cache
@@ -18,23 +17,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.call import StoredResponse
-from proxy.errors import ConfigError, StoreUnavailable
+from proxy.config import parse_key
+from proxy.errors import StoreUnavailable
 
 SEALED_HEADER = "X-Handrail-Sealed"
 """Marks a sealed record (never sent to an agent: the opened answer replaces it)."""
 VERSION = "v1"
 _NONCE = 12
-
-
-def parse_key(text: str) -> bytes:
-    """``store.encryption_key``: 32 bytes, base64 (``openssl rand -base64 32``)."""
-    try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError("store.encryption_key must be base64 (openssl rand -base64 32)") from None
-    if len(key) != 32:
-        raise ConfigError(f"store.encryption_key must be 32 bytes once decoded, not {len(key)}")
-    return key
 
 
 @lru_cache(maxsize=4)
