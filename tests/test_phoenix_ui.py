@@ -176,14 +176,14 @@ async def open_trace(tab: Page, run: RecordedRun, label: str) -> Locator:
     rows = await open_traces(tab, run)
     await row_of(tab, rows, run.traces[label]).get_by_role("link").click()
     panel = tab.get_by_role("dialog")
-    await expect(panel.get_by_test_id("trace-tree")).to_be_visible(timeout=LOADING_MS)
+    await expect(panel.get_by_test_id("trace-tree").first).to_be_visible(timeout=LOADING_MS)
     await expect(panel.get_by_text(run.traces[label], exact=True)).to_be_visible()
     return panel
 
 
 async def show_attributes(panel: Locator, span: str) -> Locator:
     """Selects a span in the trace's tree; returns the rows of its attribute table."""
-    await panel.get_by_test_id("trace-tree").get_by_text(span, exact=True).click()
+    await panel.get_by_test_id("trace-tree").first.get_by_text(span, exact=True).click()
     await expect(panel.get_by_text(span, exact=True)).to_have_count(2)  # the tree, the header
     await panel.get_by_role("tab", name="Attributes").click()
     return panel.locator("tr")
@@ -248,7 +248,7 @@ async def test_a_denied_calls_trace_shows_the_guardrail_that_decided(
     recorded: RecordedRun, tab: Page
 ) -> None:
     panel = await open_trace(tab, recorded, "delete")
-    tree = panel.get_by_test_id("trace-tree")
+    tree = panel.get_by_test_id("trace-tree").first
     for span in ("execute_tool crm", "handrail.idempotency", "handrail.policy"):
         await expect(tree.get_by_text(span, exact=True)).to_be_visible()
     await expect(tree.get_by_text("POST", exact=True)).to_have_count(0)  # the tool never ran
@@ -271,7 +271,7 @@ async def test_a_replayed_retrys_trace_shows_the_key_and_no_tool_request(
     recorded: RecordedRun, tab: Page
 ) -> None:
     panel = await open_trace(tab, recorded, "retry")
-    tree = panel.get_by_test_id("trace-tree")
+    tree = panel.get_by_test_id("trace-tree").first
     await expect(tree.get_by_text("handrail.idempotency", exact=True)).to_be_visible()
     await expect(tree.get_by_text("POST", exact=True)).to_have_count(0)  # answered from the store
 
