@@ -191,3 +191,12 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(message)
     with running_phoenix(tmp_path_factory.mktemp("phoenix")) as url:
         yield url
+
+
+@pytest.fixture
+def mcp_server() -> Iterator[Any]:
+    """The FastMCP test server on loopback (``tests/mcp_server.py``), counting executions."""
+    from tests.mcp_server import start_mcp_server
+
+    with start_mcp_server() as server:
+        yield server

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from mcp import Client
 from mcp_types import ElicitResult, methods
 
 from tests.conftest import ProxyFactory
-from tests.mcp_server import McpServer, start_mcp_server
+from tests.mcp_server import McpServer
 from tests.test_mcp import endpoint
 from tests.test_mcp_2026 import MODERN, call_params, post
 
@@ -45,12 +45,6 @@ def policy_dir(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "handrail.rego").write_text(HOLD_MCP_POLICY)
     return directory
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 @pytest.fixture

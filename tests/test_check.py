@@ -5,23 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Seen, free_port, tool_app
 from tests.mcp_server import McpServer, start_mcp_server
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 async def check(tmp_path: Path, tools: dict[str, Any], **extra: Any) -> tuple[int, str]:
@@ -95,7 +88,6 @@ async def test_readyz_is_not_ready_while_an_mcp_upstream_does_not_speak_mcp(
     make_proxy: Any, make_admin: Any, tool: Any
 ) -> None:
     """A wrong URL for a kind: mcp tool (a plain JSON API) makes the proxy not ready."""
-    from tests.mcp_server import start_mcp_server
 
     server, _ = tool
     with start_mcp_server() as mcp:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,12 +55,6 @@ def policy_dir(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "handrail.rego").write_text(MCP_POLICY)
     return directory
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 @pytest.fixture

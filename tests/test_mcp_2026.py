@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from proxy.errors import PolicyDenied
 from proxy.mcp.jsonrpc import SseParser, event_message
 from proxy.mcp.render import render_error
 from tests.conftest import ProxyFactory
-from tests.mcp_server import McpServer, start_mcp_server
+from tests.mcp_server import McpServer
 from tests.support_faults import running_proxy
 from tests.test_mcp import MCP_POLICY, endpoint
 
@@ -46,12 +46,6 @@ def policy_dir(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "handrail.rego").write_text(MCP_POLICY)
     return directory
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,22 +4,15 @@ decides on the body, a server or router may act on the headers."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ProxyFactory
-from tests.mcp_server import McpServer, start_mcp_server
+from tests.mcp_server import McpServer
 
 MODERN = "2026-07-28"
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 @pytest.fixture

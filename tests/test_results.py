@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from mcp import Client
 
 from proxy.config import shipped_policies
 from tests.conftest import ProxyFactory
-from tests.mcp_server import McpServer, start_mcp_server
+from tests.mcp_server import McpServer
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 AdminFactory = Callable[[TestClient], Awaitable[TestClient]]
@@ -123,12 +123,6 @@ async def test_a_streamed_answer_is_marked_unchecked_or_blocked_when_checks_are_
     assert "could not be checked" in await blocked.text()
     rows = await journal_rows(await make_admin(proxy), "r-s")
     assert [r["result_check"] for r in rows] == ["unchecked", "blocked"]
-
-
-@pytest.fixture
-def mcp_server() -> Iterator[McpServer]:
-    with start_mcp_server() as server:
-        yield server
 
 
 async def test_an_mcp_answer_is_withheld_as_is_error_through_the_sdk_client(
