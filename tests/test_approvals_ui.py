@@ -29,27 +29,7 @@ from proxy.config import Config
 from proxy.http.keys import DEPS
 from tests.conftest import IN_CI, ProxyFactory, Seen
 from tests.support_faults import running_proxy
-
-HOLD_POLICY = """package handrail
-
-import rego.v1
-
-default allow := true
-
-default visible := true
-
-default hold := false
-
-hold if {
-	input.request.method == "POST"
-	startswith(input.request.path, "/refunds")
-}
-
-reasons contains "refunds need a person" if hold
-
-decision := {"allow": allow, "reasons": reasons, "require_approval": hold}
-"""
-"""``test_approvals.py``'s policy, with ``default hold := false`` so other calls are allowed."""
+from tests.test_approvals import HOLD_POLICY
 
 TOKEN = "ui-test-admin-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,14 +7,12 @@ request as it stands (who decided, when), so two people clicking at once learn w
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from aiohttp import web
 
 from proxy.approvals.gate import Approvals
 from proxy.approvals.model import State
 from proxy.errors import BadRequest, HandrailError
+from proxy.http.body import json_object
 from proxy.http.keys import DEPS
 
 MAX_LIST = 500
@@ -56,7 +54,7 @@ async def get_approval(request: web.Request) -> web.Response:
 
 
 async def decide(request: web.Request) -> web.Response:
-    body = await _json(request)
+    body = await json_object(request)
     approve = body.get("approve")
     if not isinstance(approve, bool):
         raise BadRequest('the body needs "approve": true or false')
@@ -76,16 +74,6 @@ async def decide(request: web.Request) -> web.Response:
             approval=approval.to_json(),
         )
     return web.json_response(approval.to_json())
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except ValueError:
-        raise BadRequest("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
 
 
 def add_routes(app: web.Application, data_app: web.Application) -> None:

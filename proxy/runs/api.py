@@ -3,12 +3,10 @@ same for ``handrail runs`` from the journal and the store directly."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from aiohttp import web
 
 from proxy.errors import BadRequest, HandrailError
+from proxy.http.body import json_object
 from proxy.http.keys import DEPS
 from proxy.runs.ledger import Ledger, entry
 from proxy.store.base import Store
@@ -44,7 +42,7 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def close_run(request: web.Request) -> web.Response:
     deps = request.app[DATA_APP][DEPS]
-    body = await _json(request)
+    body = await json_object(request)
     by = body.get("by") or "admin-api"
     if not isinstance(by, str) or len(by) > 200:
         raise BadRequest('"by" must be a string (who closes the run)')
@@ -55,17 +53,6 @@ async def close_run(request: web.Request) -> web.Response:
     return web.json_response(
         {"run": run_id, "closed": True, "was_open": newly, "closed_at": closed[0], "by": closed[1]}
     )
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise BadRequest("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
 
 
 def add_routes(app: web.Application, data_app: web.Application) -> None:
