@@ -75,7 +75,7 @@ def _redact(value: Any, parts: list[str]) -> tuple[Any, int]:
 
 async def check(call: Call, deps: Deps) -> None:
     """The pipeline's ``check_result`` step (see the module's docstring)."""
-    if not getattr(deps.engine, "has_result", False):
+    if not deps.engine.has_result:
         return
     span = deps.tracer.start_span("handrail.result")
     span.set_attribute(OPENINFERENCE_SPAN_KIND, SPAN_KIND_GUARDRAIL)
@@ -161,7 +161,7 @@ async def _verdict(
         ),
         "body": checked,
     }
-    verdict = await deps.engine.result(document)  # type: ignore[attr-defined]
+    verdict = await deps.engine.result(document)
     reasons = list(verdict.reasons)
     call.extra["result_reasons"] = reasons
     if not verdict.allow:
